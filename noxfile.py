@@ -54,3 +54,10 @@ def benchmark(session: nox.Session) -> None:
     """Run the benchmark grid (``-- --grid NAME`` picks another) and build the report."""
     _install(session)
     session.run("python", "-m", "harness.benchmark", *session.posargs, env=_env())
+
+
+@nox.session
+def report(session: nox.Session) -> None:
+    """Rebuild a report from run directories: ``nox -s report -- RUN_DIR... --out DIR``."""
+    _install(session)
+    session.run("python", "-m", "harness", "report", *session.posargs, env=_env())

@@ -58,7 +58,9 @@ class Grid:
         return out
 
 
-def load_grid(name_or_path: str) -> Grid:
+def load_grid(name_or_path: str) -> list[Grid]:
+    """A grid file holds one grid (a mapping) or several (a list of mappings: their union,
+    e.g. more seeds for some methods than for others)."""
     path = Path(name_or_path)
     if not path.exists():
         path = GRIDS / f"{name_or_path}.yaml"
@@ -66,8 +68,9 @@ def load_grid(name_or_path: str) -> Grid:
         known = ", ".join(p.stem for p in GRIDS.glob("*.yaml"))
         raise UserError(f"no grid {name_or_path!r} (known: {known}; or give a YAML path)")
     data = yaml.safe_load(path.read_text()) or {}
+    parts = data if isinstance(data, list) else [data]
     try:
-        return Grid(**data)
+        return [Grid(**part) for part in parts]
     except TypeError as exc:
         raise UserError(f"grid {path}: {exc}") from exc
 
@@ -81,15 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.benchmark")
     ap.add_argument("--grid", default="default")
     ap.add_argument("--out", default=None, help="override the grid's out_dir")
+    ap.add_argument("--report-dir", default=None, help="override the grid's report_dir")
+    ap.add_argument("--no-report", action="store_true", help="only run the grid")
     args = ap.parse_args(argv)
     from harness.models import load_model
     from harness.runner import run
 
     try:
-        grid = load_grid(args.grid)
-        if args.out:
-            grid.out_dir = args.out
-        configs = grid.configs()
+        grids = load_grid(args.grid)
+        configs = []
+        for grid in grids:
+            if args.out:
+                grid.out_dir = args.out
+            configs += [c for c in grid.configs() if c not in configs]
         loaded: dict[str, Any] = {}
         run_dirs = []
         for i, cfg in enumerate(configs):
@@ -110,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             lm = loaded[key]
             run(cfg, lm=lm)  # restores the weights it edited
         print_table(run_dirs)
+        if not args.no_report:
+            from reports.build import build_report
+
+            index = build_report(run_dirs, Path(args.report_dir or grids[0].report_dir))
+            print(f"report: {index}")
     except UserError as exc:
         print(f"keh: error: {exc}", file=sys.stderr)
         return 2
@@ -125,7 +137,11 @@ def print_table(run_dirs: list[Path]) -> None:
         rows.append({"suite": m["config"]["suite"], "method": m["method"],
                      "model": m["config"]["model"], "seed": m["seed"], **m.get("summary", {}),
                      "time_per_edit_s": m.get("timings", {}).get("time_per_edit_s")})
-    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f"))
+    frame = pd.DataFrame(rows)
+    try:
+        print(frame.to_markdown(index=False, floatfmt=".2f"))
+    except ImportError:  # tabulate missing
+        print(frame.to_string(index=False, float_format="%.2f"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command line: ``keh run``, ``keh list`` (also ``python -m harness``).
+"""Command line: ``keh run``, ``keh list``, ``keh report`` (also ``python -m harness``).
 
 Bad input ends with one line on stderr (``keh: error: ...``) and exit status 2.
 """
@@ -31,6 +31,16 @@ def _override(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"--set {text!r}: {exc}") from exc
 
 
+def _task_list(text: str) -> list[str]:
+    """``--downstream sst2,mrpc`` -> ["sst2", "mrpc"]."""
+    from suites.downstream import parse_tasks
+
+    tasks = parse_tasks(text)
+    if not tasks:
+        raise argparse.ArgumentTypeError("--downstream expects task names, e.g. sst2,mrpc")
+    return tasks
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keh", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,9 +68,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                    metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
     r.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    r.add_argument("--downstream", type=_task_list, default=[], metavar="TASK[,TASK...]",
+                   help="lm-eval tasks evaluated before the first and after the last edit "
+                        "(offline: sst2,mrpc,cola,rte,nli,mmlu) and every --eval-every batches")
+    r.add_argument("--downstream-limit", type=int, default=d.downstream_limit,
+                   help="examples per downstream task (0: all)")
+    r.add_argument("--downstream-fewshot", type=int, default=d.downstream_fewshot,
+                   help="few-shot examples per downstream prompt (at most 10 for keh's tasks)")
+    r.add_argument("--generation-tokens", type=int, default=d.generation_tokens,
+                   help="greedy tokens per prompt for fluency/consistency (0: off)")
     r.add_argument("--trust-remote-code", action="store_true")
 
     sub.add_parser("list", help="list methods, suites and built-in models")
+
+    rp = sub.add_parser("report", help="tables, figures and claim tests from run directories")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                    help="run directories (or folders holding run directories)")
+    rp.add_argument("--out", required=True, help="report directory (index.md, tables/, "
+                    "figures/)")
+    rp.add_argument("--baseline", default="alphaedit",
+                    help="method the others are compared against (default alphaedit)")
+    rp.add_argument("--treatment", default="metake",
+                    help="method whose claims T1-T8 are tested (default metake)")
+    rp.add_argument("--alpha", type=float, default=0.05, help="family-wise level (Holm)")
+    rp.add_argument("--n-resamples", type=int, default=2000, help="bootstrap resamples")
+    rp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     return parser
 
 
@@ -72,6 +104,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         data_dir=args.data_dir, data=args.data, out_dir=args.out, run_id=args.run_id,
         hparams=args.hparams, hparams_overrides=dict(args.overrides),
         eval_batch_size=args.eval_batch_size, trust_remote_code=args.trust_remote_code,
+        downstream=list(args.downstream), downstream_limit=args.downstream_limit,
+        downstream_fewshot=args.downstream_fewshot, generation_tokens=args.generation_tokens,
     )
 
 
@@ -93,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             run(config_from_args(args))
         elif args.command == "list":
             _cmd_list()
+        elif args.command == "report":
+            from reports.build import build_report
+
+            index = build_report(args.run_dirs, args.out, baseline=args.baseline,
+                                 treatment=args.treatment, alpha=args.alpha,
+                                 n_resamples=args.n_resamples, seed=args.seed)
+            print(f"report: {index}")
     except UserError as exc:
         print(f"keh: error: {exc}", file=sys.stderr)
         return 2

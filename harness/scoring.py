@@ -43,15 +43,20 @@ def encode_pair(tok, prompt: str, target: str) -> tuple[list[int], list[int]]:
     return list(p_ids), list(t_ids)
 
 
-def _logits_at(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def logits_at(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Logits (len(rows), vocab) at positions (rows, cols), computed without full logits."""
     model = lm.model
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                               use_cache=False).last_hidden_state
-    picked = hidden[rows, cols]
-    logits = model.get_output_embeddings()(picked).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    return unembed(lm, hidden[rows, cols])
+
+
+def unembed(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits (..., vocab) of final hidden states (..., d_model), with the model's
+    final logit soft-capping where it has one (Gemma 2)."""
+    logits = lm.model.get_output_embeddings()(hidden).float()
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
@@ -98,7 +103,7 @@ def pack(tok, pairs: Sequence[tuple[list[int], list[int]]], device: torch.device
 def packed_logprobs(lm: LoadedModel, batch: Packed) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) log p of each target token and (N, V) float32 logits at the predicting positions.
     Differentiable when called with gradients enabled."""
-    logits = _logits_at(lm, batch.input_ids, batch.attention_mask, batch.rows, batch.cols)
+    logits = logits_at(lm, batch.input_ids, batch.attention_mask, batch.rows, batch.cols)
     lp = torch.log_softmax(logits, dim=-1).gather(1, batch.targets[:, None])[:, 0]
     return lp, logits
 

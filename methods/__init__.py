@@ -16,6 +16,12 @@ from harness.errors import UserError
 METHODS: dict[str, str] = {
     "noop": "methods.noop",
     "ft": "methods.ft",
+    "rome": "methods.rome",
+    "memit": "methods.memit",
+    "alphaedit": "methods.alphaedit",
+    "metake": "methods.metake",
+    "metake-noproxy": "methods.metake_noproxy",
+    "alphaedit-rescaled": "methods.alphaedit_rescaled",
 }
 
 

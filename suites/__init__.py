@@ -1,6 +1,12 @@
 """Evaluation suites. Each module exposes ``NAME``, ``DEFAULT_FILES`` (candidate file names in the
-data directory, first found wins), ``CANONICAL_URL``, ``load(path) -> list[EditRequest]`` and
-``evaluate(lm, requests, reference=None) -> list[dict]`` (one record per case)."""
+data directory, first found wins), ``CANONICAL_URL``, ``SUMMARY_FIELDS``,
+``load(path) -> list[EditRequest]``, ``evaluate(lm, requests, batch_size) -> list[dict]`` (one
+record per case) and ``summarize(records) -> dict[str, float]``.
+
+Optional: ``reference(lm, requests, batch_size) -> list[dict]``, which the runner calls on the
+unedited model before any edit (one dict per request of the run); ``evaluate`` then takes the
+matching slice as ``reference=``. ``evaluate`` may also take ``generation_tokens=`` (the runner
+passes it only when ``RunConfig.generation_tokens > 0``, and refuses suites that lack it)."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from harness.errors import UserError
 
 SUITES: dict[str, str] = {
     "counterfact": "suites.counterfact",
+    "zsre": "suites.zsre",
 }
 
 

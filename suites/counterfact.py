@@ -22,7 +22,7 @@ import torch
 from harness.errors import DataError
 from harness.scoring import score_targets
 from methods.base import EditRequest
-from suites import metrics
+from suites import fluency, metrics
 from suites.data import read_json_records, require_str, require_str_list
 
 NAME = "counterfact"
@@ -101,10 +101,15 @@ def load(path: str | Path) -> list[EditRequest]:
     return out
 
 
-def evaluate(lm, requests: list[EditRequest], batch_size: int = 32) -> list[dict[str, Any]]:
+def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
+             generation_tokens: int = 0) -> list[dict[str, Any]]:
     """One record per request: ES/EM, PS/PM, NS/NM, the margin, and raw per-token log-probs.
 
     All (prompt, object) pairs of all requests go through :func:`score_targets` together.
+    With ``generation_tokens > 0`` each record also gets the generation metrics of
+    :func:`suites.fluency.generation_metrics` (greedy generations of that many new tokens):
+    ``ngram_entropy`` (fluency), ``reference_score`` (consistency, None without reference
+    texts), ``generation_source``, ``generation_note`` and ``generations``.
     """
     prompts: list[str] = []
     targets: list[str] = []
@@ -149,16 +154,22 @@ def evaluate(lm, requests: list[EditRequest], batch_size: int = 32) -> list[dict
         rec["logprob_true"] = float(mean_lp[a + 1])
         rec["logprobs"] = raw
         records.append(rec)
+    if generation_tokens > 0:
+        for rec, gen in zip(records, fluency.generation_metrics(
+                lm, requests, generation_tokens, batch_size=min(batch_size, 16)), strict=True):
+            rec.update(gen)
     return records
 
 
 SUMMARY_FIELDS = ["efficacy_success", "paraphrase_success", "neighborhood_success",
                   "efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude",
-                  "efficacy_margin"]
+                  "efficacy_margin", "ngram_entropy", "reference_score"]
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Means (in percent for *_success) over records, plus the harmonic-mean Score."""
+    """Means (in percent for *_success and *_magnitude) over records, plus the harmonic-mean
+    Score. ``ngram_entropy`` is in bits and ``reference_score`` a cosine in [0, 1] (ROME's tables
+    show both times 100); they appear only when generation was on."""
     out: dict[str, float] = {}
     for f in SUMMARY_FIELDS:
         vals = [r[f] for r in records if r.get(f) is not None]

@@ -44,6 +44,14 @@ def tiny_lm():
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2():
+    """A randomly initialised 3-layer GPT-2 (Conv1D rewrite modules, learned positions)."""
+    from harness.models import load_model
+
+    return load_model("random:gpt2-tiny", device="cpu", dtype="float32", seed=0)
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (float32, CPU). Tests must restore any weight they edit."""
     from harness.models import load_model

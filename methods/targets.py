@@ -1,0 +1,294 @@
+"""The open-loop target step of ROME/MEMIT/AlphaEdit (``compute_z``), batched over requests.
+
+For request i with rewrite prompt p_i, subject s_i and new object o_i, find a residual
+delta_i (d_model) that, added to the output of decoder layer l* at the subject's last token,
+makes the model produce o_i:
+
+    L_i(delta) = NLL_i + kl_factor * KL_i + v_weight_decay * |delta| / |z0_i|^2
+
+* NLL_i: mean over the context templates c of the mean-per-token negative log-likelihood of
+  o_i after ``c + p_i`` (ROME eq. for v*, with the prefixes of Meng et al. 2022/2023);
+* KL_i: KL(P_delta || P_0) of the next-token distribution at the subject's last token of
+  "{s_i} is a" (essence drift), against the unedited model's;
+* the decay term follows the published implementation's formula |delta| / |z0|^2;
+* after every Adam step |delta_i| is clamped to ``clamp_norm_factor * |z0_i|`` where z0_i is
+  the unedited layer-l* output at the plain prompt's subject token.
+
+All requests of a batch are optimised together in one forward/backward per step; rows of
+different requests never interact (each batch row holds one prompt), and a request whose loss
+falls below ``stop_loss`` is frozen, so the result equals per-request optimisation.
+The target is v_i = z0_i + delta_i.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from harness.models import LoadedModel
+from harness.nethook import edit_output
+from harness.scoring import encode_pair, logits_at, unembed
+from methods.base import EditRequest
+from methods.keys import subject_site
+
+
+@dataclass
+class TargetHparams:
+    """Hyperparameters of the target step (names as in the published hparams files)."""
+
+    v_lr: float = 0.5
+    v_steps: int = 25
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 0.75
+    stop_loss: float = 5e-2
+    kl_prompt: str = "{} is a"
+    prefix_cache: bool = True
+
+
+def _cache_kwarg(lm: LoadedModel, cache: Any) -> dict[str, Any]:
+    """The KV-cache keyword of this transformers version (``cache``; ``past_key_values``
+    before 5.x)."""
+    params = inspect.signature(lm.model.base_model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+@dataclass
+class TargetProblem:
+    """The packed batch behind L_i: rewrite rows (one per request x template) and one KL row
+    per request. Row tensors live on the model's device.
+
+    ``site_rows``/``site_cols`` (n_rows,): where each row's subject ends; ``owner`` (n_rows,):
+    the request of each row; ``tgt_*``: the positions predicting target tokens, their token
+    ids, and the row each belongs to; ``kl_rows`` (n,): the KL row of each request.
+    """
+
+    lm: LoadedModel
+    n: int
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    site_rows: torch.Tensor
+    site_cols: torch.Tensor
+    owner: torch.Tensor
+    tgt_rows: torch.Tensor
+    tgt_cols: torch.Tensor
+    tgt_ids: torch.Tensor
+    tgt_len: torch.Tensor
+    n_templates: int
+    kl_rows: torch.Tensor
+    plain_rows: torch.Tensor
+    init_kl_logp: torch.Tensor | None = None
+    prefix: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str],
+              kl_prompt: str = "{} is a") -> TargetProblem:
+        tok = lm.tokenizer
+        seqs: list[list[int]] = []
+        site_cols: list[int] = []
+        owner: list[int] = []
+        tgt_rows: list[int] = []
+        tgt_cols: list[int] = []
+        tgt_ids: list[int] = []
+        tgt_len: list[int] = []
+        kl_rows: list[int] = []
+        plain_rows: list[int] = []
+        for i, r in enumerate(requests):
+            for t, ctx in enumerate(templates):
+                site = subject_site(tok, r.prompt, r.subject, prefix=ctx)
+                p_ids, t_ids = encode_pair(tok, site.text, r.target_new)
+                row = len(seqs)
+                if t == 0:
+                    plain_rows.append(row)
+                seqs.append(p_ids + t_ids[:-1])
+                site_cols.append(site.position)
+                owner.append(i)
+                tgt_rows += [row] * len(t_ids)
+                tgt_cols += range(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids))
+                tgt_ids += t_ids
+                tgt_len.append(len(t_ids))
+            site = subject_site(tok, kl_prompt, r.subject)
+            kl_rows.append(len(seqs))
+            seqs.append(tok(site.text, add_special_tokens=True)["input_ids"])
+            site_cols.append(site.position)
+            owner.append(i)
+        width = max(map(len, seqs))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, s in enumerate(seqs):
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+        dev = lm.device
+
+        def t(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, device=dev, dtype=torch.long)
+
+        return cls(lm=lm, n=len(requests), input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                   site_rows=torch.arange(len(seqs), device=dev), site_cols=t(site_cols),
+                   owner=t(owner), tgt_rows=t(tgt_rows), tgt_cols=t(tgt_cols),
+                   tgt_ids=t(tgt_ids), tgt_len=t(tgt_len), n_templates=len(templates),
+                   kl_rows=t(kl_rows), plain_rows=t(plain_rows))
+
+    @torch.no_grad()
+    def enable_prefix_cache(self) -> None:
+        """Run every row's tokens before its subject site once, and keep their key/value cache.
+
+        Nothing before the site depends on an edit made at the site (causal attention), so
+        each later step only runs the suffix (site onwards: a few tokens instead of the whole
+        prompt). Prefixes are left-padded and suffixes right-padded; position ids are the
+        unpadded ones, so results equal the full forward (tested).
+        """
+        from transformers import DynamicCache
+
+        q = self.site_cols
+        width = int(q.max())
+        lengths = self.attention_mask.sum(1)
+        if width == 0:
+            return
+        n_rows = self.input_ids.shape[0]
+        dev = self.input_ids.device
+        ar = torch.arange(width, device=dev)
+        # left-padded prefix: row r's tokens [0, q_r) sit at columns [width - q_r, width)
+        src = (ar[None, :] - (width - q)[:, None])
+        pmask = (src >= 0).long()
+        pids = torch.where(pmask.bool(), self.input_ids.gather(1, src.clamp_min(0)),
+                           self.input_ids[:, :1])
+        ppos = src.clamp_min(0)
+        cache = DynamicCache()
+        self.lm.model.base_model(input_ids=pids, attention_mask=pmask, position_ids=ppos,
+                                 use_cache=True, **_cache_kwarg(self.lm, cache))
+        s_width = int((lengths - q).max())
+        ars = torch.arange(s_width, device=dev)
+        sidx = q[:, None] + ars[None, :]
+        smask = (sidx < lengths[:, None]).long()
+        sids = torch.where(smask.bool(), self.input_ids.gather(
+            1, sidx.clamp_max(self.input_ids.shape[1] - 1)), self.input_ids[:, :1])
+        self.prefix = {"cache": cache, "width": width, "mask": pmask, "ids": sids,
+                       "suffix_mask": smask, "positions": sidx, "rows": n_rows,
+                       "suffix_width": s_width}
+
+    def edit_sites(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) of each row's subject site in the tensors hooks will see."""
+        if self.prefix is None:
+            return self.site_rows, self.site_cols
+        return self.site_rows, torch.zeros_like(self.site_cols)
+
+    def _logits(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        if self.prefix is None:
+            return logits_at(self.lm, self.input_ids, self.attention_mask, rows, cols)
+        pre = self.prefix
+        cache = copy.deepcopy(pre["cache"])  # the forward appends the suffix to its copy
+        mask = torch.cat([pre["mask"], pre["suffix_mask"]], dim=1)
+        hidden = self.lm.model.base_model(
+            input_ids=pre["ids"], attention_mask=mask, position_ids=pre["positions"],
+            use_cache=True, **_cache_kwarg(self.lm, cache)).last_hidden_state
+        return unembed(self.lm, hidden[rows, cols - self.site_cols[rows]])
+
+    def losses(self, hooks: Callable[[], AbstractContextManager[Any]]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per request (n,): NLL_i and KL_i of the model run inside ``hooks()``.
+
+        The first call (expected with no edit) records the reference KL distribution.
+        """
+        rows = torch.cat([self.tgt_rows, self.kl_rows])
+        cols = torch.cat([self.tgt_cols, self.site_cols[self.kl_rows]])
+        with hooks():
+            logits = self._logits(rows, cols)
+        logp = torch.log_softmax(logits, dim=-1)
+        n_t = len(self.tgt_rows)
+        tok_lp = logp[:n_t].gather(1, self.tgt_ids[:, None])[:, 0]
+        n_rows = self.input_ids.shape[0]
+        per_row = torch.zeros(n_rows, device=tok_lp.device, dtype=tok_lp.dtype)
+        per_row = per_row.index_add(0, self.tgt_rows, -tok_lp)
+        rewrite_rows = torch.unique(self.tgt_rows)
+        per_row_mean = per_row[rewrite_rows] / self.tgt_len
+        nll = per_row_mean.view(self.n, self.n_templates).mean(1)
+        kl_logp = logp[n_t:]
+        if self.init_kl_logp is None:
+            self.init_kl_logp = kl_logp.detach()
+        kl = (kl_logp.exp() * (kl_logp - self.init_kl_logp)).sum(-1)
+        return nll, kl
+
+
+def add_at_sites(problem: TargetProblem, layer_name: str, delta: torch.Tensor
+                 ) -> Callable[[], AbstractContextManager[Any]]:
+    """Hook factory: add ``delta[owner[row]]`` (n, d_model) to ``layer_name``'s output at each
+    row's subject site."""
+    (rows, cols), owner = problem.edit_sites(), problem.owner
+
+    def fn(y: torch.Tensor) -> torch.Tensor:
+        return y.index_put((rows, cols), y[rows, cols] + delta[owner].to(y.dtype))
+
+    return lambda: edit_output(problem.lm.model, layer_name, fn)
+
+
+@torch.inference_mode()
+def site_states(lm: LoadedModel, problem: TargetProblem, layer: int) -> torch.Tensor:
+    """(d_model, n) unedited output of decoder ``layer`` at each request's plain-prompt site."""
+    from harness.nethook import capture_outputs, stop_after
+
+    name = lm.spec.layer(layer)
+    rows = problem.plain_rows
+    with capture_outputs(lm.model, [name], clone=False) as outs, stop_after(lm.model, name):
+        lm.model.base_model(input_ids=problem.input_ids[rows],
+                            attention_mask=problem.attention_mask[rows], use_cache=False)
+    return outs[name][0][torch.arange(len(rows), device=rows.device),
+                         problem.site_cols[rows]].float().T.contiguous()
+
+
+def compute_targets(lm: LoadedModel, requests: Sequence[EditRequest], layer: int,
+                    hp: TargetHparams, templates: Sequence[str]
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]], TargetProblem]:
+    """Open-loop targets at decoder layer ``layer``.
+
+    Returns Z0 (d_model, n) unedited states, V = Z0 + delta (d_model, n), per-request info
+    (initial/final NLL, steps, |delta|, whether clamped) and the problem (reused by MetaKE).
+    """
+    problem = TargetProblem.build(lm, requests, templates, hp.kl_prompt)
+    z0 = site_states(lm, problem, layer)
+    if hp.prefix_cache:
+        problem.enable_prefix_cache()
+    n, d = len(requests), z0.shape[0]
+    delta = torch.zeros(n, d, device=lm.device, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    max_norm = hp.clamp_norm_factor * z0.norm(dim=0)
+    z0_sq = z0.norm(dim=0) ** 2
+    frozen = torch.zeros(n, dtype=torch.bool, device=lm.device)
+    hooks = add_at_sites(problem, lm.spec.layer(layer), delta)
+    first_nll = torch.full((n,), float("nan"))
+    last_nll = first_nll.clone()
+    steps = torch.zeros(n, dtype=torch.long)
+    with torch.enable_grad():
+        for step in range(hp.v_steps):
+            nll, kl = problem.losses(hooks)
+            loss = nll + hp.kl_factor * kl + hp.v_weight_decay * delta.norm(dim=1) / z0_sq
+            if step == 0:
+                first_nll = nll.detach().cpu()
+            last_nll = torch.where(frozen.cpu(), last_nll, nll.detach().cpu())
+            frozen |= loss.detach() < hp.stop_loss
+            if bool(frozen.all()):
+                break
+            steps += (~frozen).long().cpu()
+            kept = delta.detach().clone()
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            with torch.no_grad():
+                delta[frozen] = kept[frozen]
+                norms = delta.norm(dim=1)
+                scale = torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0)
+                delta.mul_(scale[:, None])
+    clamped = (delta.detach().norm(dim=1) >= max_norm * (1 - 1e-4)).cpu()
+    V = z0 + delta.detach().T
+    info = [{"target_nll_init": float(first_nll[i]), "target_nll_final": float(last_nll[i]),
+             "target_steps": int(steps[i]), "delta_norm": float(delta[i].detach().norm()),
+             "delta_clamped": bool(clamped[i])} for i in range(n)]
+    return z0, V, info, problem

@@ -1,0 +1,227 @@
+"""One report directory from run directories: ``index.md``, ``tables/`` (md, tex, csv) and
+``figures/`` (png). ``keh report RUN_DIR... --out DIR`` and ``nox -s report`` call
+:func:`build_report`.
+
+Runs are grouped by (suite, model); within a group every run must share the design (suite,
+data file, case ids and order, batching: :func:`reports.load.check_comparable`), and runs
+compared case by case must also share model weights. Claims T1-T8 of ``docs/METAKE.md`` form
+one Holm family over all groups; the pairwise comparisons another.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from reports import claims as claims_mod
+from reports import plots, tables
+from reports.load import (
+    Runs,
+    arm_of,
+    case_ids_hash,
+    check_comparable,
+    load_runs,
+    model_name_of,
+    seed_of,
+    suite_of,
+)
+
+METHODS_TEXT = """\
+* Means with 95% bootstrap CIs (`scipy.stats.bootstrap`, BCa, seeded; Efron 1987). The
+  resampled unit is the batch in sequential runs (a cluster bootstrap: the batch's edits share
+  one edited model; Davison & Hinkley 1997) when there are at least 10 batches, and otherwise
+  the case with all its seeds (with few clusters the cluster bootstrap's intervals are far too
+  narrow; Cameron, Gelbach & Miller 2008).
+* Paired comparisons by case over the seeds both methods share (a case's value: its mean over
+  those seeds): exact McNemar test for 0/1 outcomes (McNemar 1947; binomial test of the
+  discordant pairs), otherwise the Wilcoxon signed-rank test (Wilcoxon 1945) with the
+  matched-pairs rank-biserial correlation (Kerby 2014) and the Hodges-Lehmann shift (Hodges &
+  Lehmann 1963) with a bootstrap CI.
+* AUC = U/(n1 n2) from the Mann-Whitney U statistic with a stratified bootstrap CI (T1);
+  Spearman's rank correlation with a paired bootstrap CI (T4, T8), Theil-Sen slopes (Sen 1968);
+  non-inferiority by a one-sided t-test of the paired mean difference against -margin and a
+  one-sided bootstrap lower bound (T6).
+* Holm's step-down correction (Holm 1979): one family for all claim tests (all suites and
+  models), one for the pairwise table. A directional claim is supported when its Holm-adjusted
+  p < alpha and the effect has the claimed sign; a claim whose runs or diagnostics are missing
+  is reported as not testable, never dropped.
+"""
+
+
+def _short(h: Any, n: int = 12) -> str:
+    return str(h)[:n] if h else "–"
+
+
+def _runs_table(runs: Runs) -> pd.DataFrame:
+    rows = []
+    for rid, m in runs.manifests.items():
+        cfg, data, git = m.get("config") or {}, m.get("data") or {}, m.get("git") or {}
+        rows.append({
+            "run": rid, "method": arm_of(m), "suite": suite_of(m), "model": model_name_of(m),
+            "seed": seed_of(m), "cases": data.get("n_cases"),
+            "batch": cfg.get("batch_size"),
+            "mode": "sequential" if cfg.get("sequential") else "batch",
+            "config hash": m.get("config_hash"), "data sha256": _short(data.get("sha256")),
+            "case ids": case_ids_hash(m),
+            "model sha256": _short((m.get("model") or {}).get("sha256")),
+            "git": _short(git.get("commit"), 8) + ("+dirty" if git.get("dirty") else ""),
+        })
+    return pd.DataFrame(rows)
+
+
+def _data_lines(runs: Runs) -> list[str]:
+    seen: dict[tuple, list[str]] = {}
+    for rid, m in runs.manifests.items():
+        d = m.get("data") or {}
+        key = (suite_of(m), d.get("path"), d.get("sha256"), d.get("n_cases"), case_ids_hash(m))
+        seen.setdefault(key, []).append(rid)
+    out = []
+    for (suite, path, sha, n, ids), rids in seen.items():
+        out.append(f"- {suite}: `{path}` sha256 `{sha}`, {n} cases (case-id list "
+                   f"`{ids}`), {len(rids)} runs")
+    return out
+
+
+def _model_lines(runs: Runs) -> list[str]:
+    seen: dict[str, dict[str, list[Any]]] = {}
+    for m in runs.manifests.values():
+        info = m.get("model") or {}
+        seen.setdefault(model_name_of(m), {}).setdefault(str(info.get("sha256")), []).append(
+            seed_of(m))
+    out = []
+    for name, shas in seen.items():
+        parts = [f"`{_short(sha)}` (seeds {', '.join(map(str, sorted(set(s), key=str)))})"
+                 for sha, s in shas.items()]
+        out.append(f"- {name}: sha256 " + "; ".join(parts))
+    return out
+
+
+def _versions_table(runs: Runs) -> pd.DataFrame:
+    sets: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for rid, m in runs.manifests.items():
+        v = m.get("versions") or {}
+        sets.setdefault(json.dumps(v, sort_keys=True), (v, []))[1].append(rid)
+    keys = sorted({k for v, _ in sets.values() for k in v})
+    cols = {}
+    for i, (v, rids) in enumerate(sets.values()):
+        cols[f"set {i + 1} ({len(rids)} runs)"] = [str(v.get(k, "–")) for k in keys]
+    return pd.DataFrame({"package": keys, **cols})
+
+
+def _hparams_lines(runs: Runs) -> list[str]:
+    seen: dict[tuple[str, str], list[str]] = {}
+    for rid, m in runs.manifests.items():
+        key = (arm_of(m), json.dumps(m.get("hparams") or {}, sort_keys=True))
+        seen.setdefault(key, []).append(rid)
+    return [f"- {arm} ({len(rids)} runs): `{hp}`" for (arm, hp), rids in seen.items()]
+
+
+def _cost_table(runs: Runs) -> pd.DataFrame:
+    rows = []
+    for arm in dict.fromkeys(arm_of(m) for m in runs.manifests.values()):
+        ms = [m for m in runs.manifests.values() if arm_of(m) == arm]
+        t = pd.DataFrame([m.get("timings") or {} for m in ms])
+        mem = pd.DataFrame([m.get("peak_memory") or {} for m in ms])
+
+        def mean(frame: pd.DataFrame, col: str, digits: int) -> str:
+            if col not in frame or frame[col].isna().all():
+                return "–"
+            return f"{pd.to_numeric(frame[col], errors='coerce').mean():.{digits}f}"
+
+        rows.append({"method": arm, "runs": len(ms),
+                     "time/edit (s)": mean(t, "time_per_edit_s", 3),
+                     "eval cases/s": mean(t, "eval_cases_per_s", 1),
+                     "peak RSS (MiB)": mean(mem, "peak_rss_mib", 0),
+                     "peak CUDA (MiB)": mean(mem, "peak_cuda_mib", 0)})
+    return pd.DataFrame(rows)
+
+
+def _table_block(t: tables.Table, paths: dict[str, Path], root: Path) -> list[str]:
+    links = ", ".join(f"[{ext}]({p.relative_to(root).as_posix()})" for ext, p in paths.items())
+    return [f"**{t.caption}** ({links})", "", tables.to_markdown(t.display)]
+
+
+def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
+                 baseline: str = "alphaedit", treatment: str = "metake", alpha: float = 0.05,
+                 n_resamples: int = 2000, seed: int = 0) -> Path:
+    """Write the report for ``run_dirs`` under ``out_dir``; return the path of index.md.
+
+    Raises :class:`harness.errors.UserError` for incomplete runs or runs that cannot be
+    compared (see the module notes).
+    """
+    runs = load_runs(run_dirs)
+    out = Path(out_dir)
+    tdir, fdir = out / "tables", out / "figures"
+    tdir.mkdir(parents=True, exist_ok=True)
+    fdir.mkdir(parents=True, exist_ok=True)
+    groups = runs.groups()
+    for _, g in groups:  # fatal: a table must never mix designs
+        check_comparable(g, same_model=False)
+
+    settings = claims_mod.Settings(baseline=baseline, treatment=treatment, alpha=alpha,
+                                   n_resamples=n_resamples, seed=seed)
+    section_lines: list[str] = []
+    claim_rows: list[dict[str, Any]] = []
+    pair_rows: list[dict[str, Any]] = []
+    figures: list[plots.Figure] = []
+    for (suite, model), g in groups:
+        section_lines += [f"### {suite} / {model}", ""]
+        main = tables.main_table(g, n_resamples, seed)
+        for t in (main, tables.outcome_table(g, n_resamples, seed), tables.downstream_table(g)):
+            if t is not None:
+                section_lines += _table_block(t, tables.write_table(t, tdir), out)
+        if main is None:
+            section_lines += [f"_No usual metric of {suite} recorded._", ""]
+        claim_rows += claims_mod.run_claims(g, settings)
+        pair_rows += tables.pairwise_rows(g, baseline, min(n_resamples, 1000), seed)
+        figures += plots.figures_for(g, main, fdir, treatment, baseline, n_resamples, seed)
+
+    pairwise = tables.pairwise_table(pair_rows, baseline, alpha)
+    detail = claims_mod.finalise(claim_rows, alpha)
+    summary = claims_mod.summarise(detail)
+    csum, cdet = tables.claims_tables(detail, summary)
+    pw_paths = tables.write_table(pairwise, tdir)
+    cs_paths, cd_paths = tables.write_table(csum, tdir), tables.write_table(cdet, tdir)
+    runs_tab = tables.Table("runs", "Runs compared.", _runs_table(runs), _runs_table(runs))
+    runs_paths = tables.write_table(runs_tab, tdir)
+
+    arms = list(dict.fromkeys(runs.frame["arm"]))
+    lines = [
+        "# Knowledge-editing report", "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %z')} by `keh report` from "
+        f"{len(runs.manifests)} runs: methods {', '.join(arms)}; groups "
+        + ", ".join(f"{s} / {m}" for (s, m), _ in groups)
+        + f". Baseline for comparisons: `{baseline}`; treatment for the claims: `{treatment}`; "
+        f"alpha {alpha}; {n_resamples} bootstrap resamples, seed {seed}.", "",
+        "## Runs", "", *_table_block(runs_tab, runs_paths, out),
+        "## Data", "", *_data_lines(runs), "",
+        "## Models", "", *_model_lines(runs), "",
+        "## Hyperparameters", "", *_hparams_lines(runs), "",
+        "## Software", "", tables.to_markdown(_versions_table(runs)),
+        "## Cost", "", tables.to_markdown(_cost_table(runs)),
+        "## Results", "", *section_lines,
+        "## Pairwise comparisons", "", *_table_block(pairwise, pw_paths, out),
+        "## Claims of docs/METAKE.md", "", *_table_block(csum, cs_paths, out),
+        *_table_block(cdet, cd_paths, out),
+        "## Figures", "",
+    ]
+    n = 0
+    skipped = []
+    for f in figures:
+        if f.path is None:
+            skipped.append(f"- {f.name}: skipped ({f.note})")
+            continue
+        n += 1
+        rel = f.path.relative_to(out).as_posix()
+        lines += [f"![Figure {n}]({rel})", "", f"*Figure {n}: {f.caption}*", ""]
+    if skipped:
+        lines += ["Figures not drawn:", "", *skipped, ""]
+    lines += ["## Methods", "", METHODS_TEXT]
+    index = out / "index.md"
+    index.write_text("\n".join(lines), encoding="utf-8")
+    return index

@@ -1,0 +1,280 @@
+"""Figures (PNG, matplotlib's Agg canvas; no pyplot state). Each function returns a
+:class:`Figure` with its caption, or with ``path=None`` and a note saying why it was skipped.
+
+* ``metrics_*``: efficacy / generalisation / specificity per method with 95% CI error bars.
+* ``downstream_*``: downstream accuracy against the number of edits (curve.jsonl).
+* ``probe_*``: probe-set metrics against the number of edits (curve.jsonl).
+* ``diagnostics_*``: distributions of rho and z-error per method.
+* ``gain_vs_rho_*``: per-edit gain of the treatment over the baseline against baseline rho.
+* ``rho_by_batch_*``: rho against the batch index in sequential runs (T8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure as MplFigure
+from matplotlib.ticker import MaxNLocator
+
+from reports import stats
+from reports.claims import PRIMARY, NotTestable, pair
+from reports.load import Runs
+from reports.tables import Table, pooled_accuracy, resampling_unit, slug
+
+DPI = 130
+LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P"]
+#: probe-set metrics drawn (when a run records them), in this order
+PROBE_KEYS = ["efficacy_success", "paraphrase_success", "neighborhood_success",
+              "efficacy_margin", "efficacy_accuracy", "paraphrase_accuracy",
+              "specificity_accuracy", "score"]
+
+
+@dataclass
+class Figure:
+    name: str
+    caption: str
+    path: Path | None = None
+    note: str = ""
+
+
+def _new(width: float = 6.4, height: float = 4.0) -> MplFigure:
+    fig = MplFigure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: MplFigure, directory: Path, name: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.png"
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _tag(runs: Runs) -> tuple[str, str, str]:
+    suite, model = str(runs.frame["suite"].iloc[0]), str(runs.frame["model"].iloc[0])
+    return suite, model, f"{slug(suite)}_{slug(model)}"
+
+
+def _colors(arms: list[str]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {a: cmap(i % 10) for i, a in enumerate(arms)}
+
+
+def plot_metrics(runs: Runs, table: Table | None, directory: Path) -> Figure:
+    """Grouped bars: mean of Eff/Gen/Spe (x100) per method, error bars the table's 95% CIs."""
+    suite, model, tag = _tag(runs)
+    name = f"metrics_{tag}"
+    labels = [c for c in ("Eff", "Gen", "Spe") if table is not None and c in table.raw]
+    if table is None or not labels:
+        return Figure(name, "", note=f"{suite} / {model}: no efficacy/generalisation/"
+                      f"specificity metric recorded")
+    raw = table.raw
+    arms = list(raw["method"])
+    colors = _colors(arms)
+    fig = _new(max(5.0, 1.6 * len(labels) + 0.5 * len(arms)), 3.8)
+    ax = fig.add_subplot()
+    width = 0.8 / len(arms)
+    x = np.arange(len(labels))
+    for i, row in raw.iterrows():
+        means = np.array([row[c] for c in labels], dtype=float)
+        lo = np.array([row[f"{c}_lo"] for c in labels], dtype=float)
+        hi = np.array([row[f"{c}_hi"] for c in labels], dtype=float)
+        err = np.vstack([np.where(np.isfinite(lo), means - lo, 0),
+                         np.where(np.isfinite(hi), hi - means, 0)])
+        n_runs = int(row["runs"])
+        ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=err, capsize=3,
+               color=colors[row["method"]],
+               label=f"{row['method']} ({n_runs} run{'s' if n_runs != 1 else ''})")
+    ax.set_xticks(x, [{"Eff": "Efficacy", "Gen": "Generalisation", "Spe": "Specificity"}[c]
+                      for c in labels])
+    ax.set_ylabel("success rate (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{suite} / {model}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    caption = (f"{suite} / {model}: efficacy, generalisation (paraphrases) and specificity "
+               f"(neighbourhood/locality) per method, mean over cases and seeds in percent; "
+               f"error bars are 95% bootstrap CIs over {resampling_unit(runs.frame)}.")
+    return Figure(name, caption, _save(fig, directory, name))
+
+
+def plot_curves(runs: Runs, kind: str, directory: Path) -> Figure:
+    """Downstream accuracy (``kind="downstream"``) or probe metrics (``"probe"``) against
+    the number of edits, one line per method, a subplot per task/metric."""
+    suite, model, tag = _tag(runs)
+    name = f"{kind}_{tag}"
+    c = runs.curves
+    if c.empty or not (c["kind"] == kind).any():
+        return Figure(name, "", note=f"{suite} / {model}: no {kind} checkpoints (no run has a "
+                      f"curve.jsonl with '{kind}' entries)")
+    c = c[(c["kind"] == kind)].dropna(subset=["value", "n_edits"])
+    names = list(dict.fromkeys(c["name"]))
+    if kind == "probe" and any(k in names for k in PROBE_KEYS):
+        names = [k for k in PROBE_KEYS if k in names]
+    arms = list(dict.fromkeys(c["arm"]))
+    all_arms = list(dict.fromkeys(runs.frame["arm"]))
+    colors = _colors(all_arms)
+    ncol = min(3, len(names))
+    nrow = int(np.ceil(len(names) / ncol))
+    fig = _new(4.2 * ncol + 1.2, 3.2 * nrow)
+    axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False)).ravel()
+    for ax, task in zip(axes, names, strict=False):
+        for arm in arms:
+            g = c[(c["name"] == task) & (c["arm"] == arm)]
+            if g.empty:
+                continue
+            xs, ys, lo, hi = [], [], [], []
+            for n_edits, pts in g.groupby("n_edits"):
+                if kind == "downstream":
+                    acc, a, b, _ = pooled_accuracy(pts)
+                    acc, a, b = 100 * acc, 100 * a, 100 * b
+                else:
+                    acc, a, b = float(pts["value"].mean()), np.nan, np.nan
+                xs.append(n_edits)
+                ys.append(acc)
+                lo.append(a)
+                hi.append(b)
+            k = all_arms.index(arm) if arm in all_arms else 0
+            # distinct line styles and markers keep coinciding curves visible
+            ax.plot(xs, ys, marker=MARKERS[k % len(MARKERS)], ms=4,
+                    ls=LINESTYLES[k % len(LINESTYLES)], color=colors.get(arm), label=arm)
+            if np.isfinite(lo).any():
+                ax.fill_between(xs, lo, hi, color=colors.get(arm), alpha=0.15, lw=0)
+        ax.set_title(task, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("number of edits")
+        ax.set_ylabel("accuracy (%)" if kind == "downstream" else task)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=8)
+    if kind == "downstream":
+        caption = (f"{suite} / {model}: downstream task accuracy against the number of edits "
+                   f"applied so far (sequential runs), pooled over seeds; bands are 95% "
+                   f"Wilson intervals.")
+    else:
+        caption = (f"{suite} / {model}: probe-set metrics (the run's first cases, re-evaluated "
+                   f"at each checkpoint; rates in percent) against the number of edits applied "
+                   f"so far (sequential runs), mean over seeds.")
+    return Figure(name, caption, _save(fig, directory, name))
+
+
+def plot_diagnostics(runs: Runs, directory: Path) -> Figure:
+    """Box plots (with the individual edits as points) of rho and z-error per method."""
+    suite, model, tag = _tag(runs)
+    name = f"diagnostics_{tag}"
+    f = runs.frame
+    diags = [d for d in ("diag_rho", "diag_z_error") if d in f.columns and f[d].notna().any()]
+    if not diags:
+        return Figure(name, "", note=f"{suite} / {model}: no method recorded rho or z_error")
+    fig = _new(4.0 * len(diags) + 0.5, 3.8)
+    axes = np.atleast_1d(fig.subplots(1, len(diags), squeeze=False)).ravel()
+    all_arms = list(dict.fromkeys(f["arm"]))
+    colors = _colors(all_arms)
+    rng = np.random.default_rng(0)
+    absent = {}
+    ref_line = False
+    for ax, d in zip(axes, diags, strict=True):
+        arms = [a for a in all_arms if f.loc[f["arm"] == a, d].notna().any()]
+        absent[d] = [a for a in all_arms if a not in arms]
+        data = [f.loc[f["arm"] == a, d].dropna().to_numpy() for a in arms]
+        ax.boxplot(data, tick_labels=arms, showfliers=False, widths=0.5)
+        for i, (a, v) in enumerate(zip(arms, data, strict=True)):
+            ax.scatter(i + 1 + rng.uniform(-0.15, 0.15, v.size), v, s=6, alpha=0.5,
+                       color=colors[a])
+        ax.set_title({"diag_rho": "realisation rho", "diag_z_error": "z-error e"}[d])
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        if d == "diag_rho" and max((v.max() for v in data if v.size), default=0) >= 0.5:
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")  # full realisation, if in range
+            ref_line = True
+    missing = "; ".join(f"no {k.removeprefix('diag_')} for {', '.join(v)}"
+                        for k, v in absent.items() if v)
+    caption = (f"{suite} / {model}: per-edit realisation rho (1 = the planned change fully "
+               f"realised{', dashed' if ref_line else ''}) and z-error |z_post - v| / |v - z0| "
+               f"(0 = target reached) per method; boxes: "
+               f"quartiles and median, points: single edits (all seeds)."
+               + (f" ({missing}.)" if missing else ""))
+    return Figure(name, caption, _save(fig, directory, name))
+
+
+def plot_gain_vs_rho(runs: Runs, treatment: str, baseline: str, directory: Path,
+                     n_resamples: int = 2000, seed: int = 0) -> Figure:
+    """Scatter of the per-case gain (treatment - baseline, primary outcome) against the
+    baseline's rho, with Spearman's rho (T4)."""
+    suite, model, tag = _tag(runs)
+    name = f"gain_vs_rho_{tag}"
+    out_col = PRIMARY.get(suite, "efficacy_margin")
+    try:
+        gain = pair(runs, treatment, baseline, out_col)
+        rho = pair(runs, baseline, baseline, "diag_rho", out_col)
+    except NotTestable as exc:
+        return Figure(name, "", note=f"{suite} / {model}: gain vs rho needs {treatment} and "
+                      f"{baseline} runs with rho: {exc}")
+    x = rho.frame["x"].reindex(gain.frame.index).to_numpy(float)
+    y = (gain.frame["x"] - gain.frame["y"]).to_numpy(float)
+    r = stats.spearman(x, y, n_resamples=n_resamples, seed=seed)
+    fig = _new(5.0, 3.8)
+    ax = fig.add_subplot()
+    ax.scatter(x, y, s=10, alpha=0.6)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel(f"rho of {baseline}")
+    ax.set_ylabel(f"gain in {out_col} ({treatment} - {baseline})")
+    ax.set_title(f"Spearman {r.rho:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}], n={r.n}", fontsize=9)
+    ax.grid(alpha=0.3)
+    caption = (f"{suite} / {model}: per-case gain of {treatment} over {baseline} in {out_col} "
+               f"against {baseline}'s realisation rho (mean over common seeds). T4 predicts "
+               f"larger gains at low rho (negative Spearman); here Spearman = {r.rho:+.2f}, "
+               f"95% CI [{r.lo:+.2f}, {r.hi:+.2f}], n = {r.n}.")
+    return Figure(name, caption, _save(fig, directory, name))
+
+
+def plot_rho_by_batch(runs: Runs, directory: Path) -> Figure:
+    """Mean rho per batch index per method in sequential runs (T8), +- 1.96 SE bands."""
+    suite, model, tag = _tag(runs)
+    name = f"rho_by_batch_{tag}"
+    f = runs.frame
+    if "diag_rho" not in f.columns:
+        return Figure(name, "", note=f"{suite} / {model}: no method recorded rho")
+    f = f[f["sequential"] & f["diag_rho"].notna()]
+    if f.empty or f["batch"].nunique() < 2:
+        return Figure(name, "", note=f"{suite} / {model}: rho by batch needs sequential runs "
+                      f"with rho and more than one batch")
+    colors = _colors(list(dict.fromkeys(runs.frame["arm"])))
+    fig = _new(5.5, 3.8)
+    ax = fig.add_subplot()
+    for arm, g in f.groupby("arm", sort=False):
+        per = g.groupby("batch")["diag_rho"].agg(["mean", "sem"])
+        b, m = per.index.to_numpy(float), per["mean"].to_numpy(float)
+        half = 1.96 * per["sem"].fillna(0.0).to_numpy(float)
+        k = list(colors).index(arm)
+        ax.plot(b, m, marker=MARKERS[k % len(MARKERS)], ms=4 if len(b) <= 40 else 0,
+                ls=LINESTYLES[k % len(LINESTYLES)], color=colors[arm], label=arm)
+        ax.fill_between(b, m - half, m + half, color=colors[arm], alpha=0.15, lw=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("batch index (edits applied in order)")
+    ax.set_ylabel("mean realisation rho")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    caption = (f"{suite} / {model}: mean realisation rho of the edits of each batch against "
+               f"the batch index in sequential runs (all seeds); bands: mean +- 1.96 standard "
+               f"errors over the batch's edits. T8 predicts a decline that MetaKE flattens.")
+    return Figure(name, caption, _save(fig, directory, name))
+
+
+def figures_for(runs: Runs, main: Table | None, directory: Path, treatment: str,
+                baseline: str, n_resamples: int = 2000, seed: int = 0) -> list[Figure]:
+    """Every figure of one (suite, model) group (skipped ones carry a note)."""
+    out = [plot_metrics(runs, main, directory),
+           plot_curves(runs, "downstream", directory),
+           plot_curves(runs, "probe", directory),
+           plot_diagnostics(runs, directory),
+           plot_gain_vs_rho(runs, treatment, baseline, directory, n_resamples, seed),
+           plot_rho_by_batch(runs, directory)]
+    return out

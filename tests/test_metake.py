@@ -1,0 +1,94 @@
+"""MetaKE on a tiny random model: the proxy is the real single-layer write, its gradient is
+the structural hypergradient, and the outer loop lowers the loss the solver will realise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.scoring import mean_nll
+from methods import get_method
+from methods.alignment import proxy_hypergradient
+from methods.base import hparams_from_dict
+from methods.metake import virtual_write
+from tests.test_methods import SMALL, _restore, _snapshot
+
+PROMPTS = ["The mother tongue of Danielle Darrieux is", "Paris is the capital of"]
+TARGETS = ["English", "Italy"]
+
+
+def test_virtual_write_equals_real_write(tiny_lm):
+    w = tiny_lm.rewrite_weight(1)
+    torch.manual_seed(0)
+    delta = 0.05 * torch.randn_like(w)
+    with virtual_write(tiny_lm, 1, delta):
+        virtual = mean_nll(tiny_lm, PROMPTS, TARGETS)
+    snap = _snapshot(tiny_lm, [1])
+    try:
+        tiny_lm.apply_delta(1, delta)
+        real = mean_nll(tiny_lm, PROMPTS, TARGETS)
+    finally:
+        _restore(tiny_lm, snap)
+    torch.testing.assert_close(virtual, real, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(real, mean_nll(tiny_lm, PROMPTS, TARGETS), atol=1e-4)
+
+
+def test_gradient_through_hook_is_the_structural_hypergradient(tiny_lm):
+    """d/dV of L((V - Z0) A) + gamma |V - V0|^2 equals (dL/dDelta) A^T + 2 gamma (V - V0)."""
+    torch.manual_seed(1)
+    d_out, d_in = tiny_lm.rewrite_weight(1).shape
+    n, gamma = 2, 0.3
+    A = 0.1 * torch.randn(n, d_in, dtype=torch.float64)
+    Z0 = torch.randn(d_out, n, dtype=torch.float64)
+    V0 = Z0 + 0.1 * torch.randn(d_out, n, dtype=torch.float64)
+    V = (V0 + 0.05 * torch.randn(d_out, n, dtype=torch.float64)).requires_grad_(True)
+    with torch.enable_grad():
+        with virtual_write(tiny_lm, 1, (V - Z0) @ A):
+            loss = mean_nll(tiny_lm, PROMPTS, TARGETS).sum()
+        loss = loss + gamma * ((V - V0) ** 2).sum()
+        (g_v,) = torch.autograd.grad(loss, V)
+        delta = ((V - Z0) @ A).detach().requires_grad_(True)
+        with virtual_write(tiny_lm, 1, delta):
+            (g_delta,) = torch.autograd.grad(mean_nll(tiny_lm, PROMPTS, TARGETS).sum(), delta)
+    expected = proxy_hypergradient(g_delta, A, V.detach(), V0, gamma)
+    torch.testing.assert_close(g_v, expected, atol=1e-7, rtol=1e-5)
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch, shared_data):
+    monkeypatch.setenv("KEH_CACHE", str(tmp_path / "cache"))
+    return str(shared_data / "wikitext-2" / "valid.txt")
+
+
+@pytest.mark.parametrize("name", ["metake", "metake-noproxy", "alphaedit-rescaled"])
+def test_variants_run_and_record_diagnostics(tiny_lm, corpus, shared_data, name):
+    from suites.counterfact import load
+
+    reqs = load(shared_data / "counterfact" / "counterfact-edit.json")[:2]
+    mod = get_method(name)
+    hp = hparams_from_dict(mod.Hparams, {**SMALL, "layers": [1, 2], "stats_corpus": corpus,
+                                         "outer_steps": 4, "outer_clamp_factor": 200.0,
+                                         "gamma": 0.0, "outer_lr": 1.0})
+    snap = _snapshot(tiny_lm, range(tiny_lm.n_layers))
+    try:
+        out = mod.edit(tiny_lm, reqs, hp, {})
+    finally:
+        _restore(tiny_lm, snap)
+    assert set(out.state) == {"prev_cov.1", "prev_cov.2"}
+    for d in out.diagnostics:
+        assert d["rho"] == d["rho"] and d["rho_pred_open_loop"] == d["rho_pred_open_loop"]
+        if name == "metake":
+            assert d["proxy_nll_final"] < d["proxy_nll_open_loop"]
+            for key in ("alignment", "kernel_energy", "alignment_open_loop",
+                        "kernel_energy_open_loop", "shift_cos", "shift_norm"):
+                assert key in d
+        if name == "alphaedit-rescaled":
+            assert d["rescale"] >= 1.0
+
+
+def test_bad_solver_is_rejected():
+    from harness.errors import UserError
+    from methods import metake
+
+    with pytest.raises(UserError, match="solver must be one of"):
+        hparams_from_dict(metake.Hparams, {"solver": "emmet"})

@@ -1,0 +1,273 @@
+"""reports.load / claims / build on synthetic run directories (no model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.cli import main
+from harness.errors import UserError
+from reports import claims
+from reports.build import build_report
+from reports.load import check_comparable, load_runs
+
+N_CASES, BATCH = 24, 6
+CASES = [str(100 + i) for i in range(N_CASES)]
+DATA_SHA = "d" * 64
+MODEL_SHA = "m" * 64
+
+
+def make_run(root: Path, method: str, seed: int = 0, *, case_ids: list[str] | None = None,
+             data_sha: str = DATA_SHA, model_sha: str = MODEL_SHA, status: str = "complete",
+             suite: str = "counterfact", sequential: bool = True, hparams: dict | None = None,
+             rho_shift: float = 0.0, margin_gain: float = 0.0, diagnostics: bool = True,
+             curve: bool = False, run_id: str | None = None) -> Path:
+    """A run directory as harness.runner writes it, with reproducible synthetic values."""
+    case_ids = case_ids or CASES
+    rid = run_id or f"{suite}_{method}_s{seed}"
+    d = root / rid
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    base_rho = np.linspace(0.1, 0.9, len(case_ids))  # also declines with the batch index
+    base_rho = base_rho[::-1].copy()
+    records = []
+    for i, cid in enumerate(case_ids):
+        rho = float(np.clip(base_rho[i] + rho_shift + rng.normal(0, 0.02), 0, 1))
+        margin = float(2 * base_rho[i] - 0.8 + margin_gain * (1 - base_rho[i])
+                       + rng.normal(0, 0.05))
+        rec = {"method": method, "suite": suite, "model": "toy", "seed": seed,
+               "case_index": i, "case_id": cid, "batch": i // BATCH,
+               "efficacy_success": float(margin > 0),
+               "paraphrase_success": float(margin > 0.2),
+               "neighborhood_success": float(rng.uniform() < 0.8),
+               "efficacy_margin": margin, "efficacy_magnitude": margin / 10,
+               "logprobs": {"rewrite": {"new": [[-1.0]], "true": [[-2.0]]}},
+               "diagnostics": ({"rho": rho, "phi": rho + 0.05, "z_error": 1 - rho,
+                                "update_norm": 1.0} if diagnostics else {})}
+        if i == 3 and method == "ft":
+            rec = {k: v for k, v in rec.items() if not k.endswith(("_success", "_margin"))}
+            rec.update({"failed": True, "error": "boom"})
+        records.append(rec)
+    (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    manifest = {
+        "run_id": rid, "status": status, "method": method, "seed": seed,
+        "config": {"model": "toy", "method": method, "suite": suite, "n_edits": len(case_ids),
+                   "batch_size": BATCH, "sequential": sequential, "seed": seed, "start": 0},
+        "config_hash": f"h{abs(hash((method, seed))) % 10**8:08d}",
+        "hparams": hparams or {"layers": [1]},
+        "data": {"path": "/data/cf.json", "sha256": data_sha, "n_cases": len(case_ids),
+                 "case_ids": case_ids},
+        "model": {"name": "toy", "sha256": model_sha},
+        "versions": {"python": "3.11", "torch": "2.13.0"}, "git": {"commit": "abc", "dirty": False},
+        "device": {"device": "cpu"}, "timings": {"time_per_edit_s": 0.5, "eval_cases_per_s": 9},
+        "peak_memory": {"peak_rss_mib": 100.0}, "summary": {},
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    if curve:
+        lines = [{"n_edits_so_far": k * BATCH, "batch": k,
+                  "downstream": {"sst2": {"acc": 0.8 - 0.02 * k * (method != "metake"), "n": 100}},
+                  "probe": {"efficacy_success": 90.0 - k}} for k in range(N_CASES // BATCH + 1)]
+        (d / "curve.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return d
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("runs")
+    dirs = []
+    for seed in (0, 1):
+        dirs.append(make_run(root, "alphaedit", seed, curve=True))
+        dirs.append(make_run(root, "memit", seed, rho_shift=-0.05))
+        dirs.append(make_run(root, "metake", seed, rho_shift=0.2, margin_gain=1.0, curve=True,
+                             hparams={"layers": [1], "solver": "alphaedit"}))
+    dirs.append(make_run(root, "ft", 0, diagnostics=False))
+    return dirs
+
+
+def test_load_runs_gives_a_tidy_frame(grid):
+    runs = load_runs(grid)
+    f = runs.frame
+    assert len(f) == 7 * N_CASES and len(runs.manifests) == 7
+    for col in ("run_id", "arm", "method", "suite", "model", "seed", "case_id", "batch",
+                "efficacy_success", "efficacy_margin", "diag_rho", "diag_z_error"):
+        assert col in f.columns, col
+    assert "logprobs" not in f.columns
+    assert f["diag_rho"].dtype == float
+    ft = f[f["arm"] == "ft"]
+    assert ft["failed"].sum() == 1 and ft["efficacy_success"].isna().sum() == 1
+    assert ft["diag_rho"].isna().all()
+    assert list(f.loc[f["run_id"] == "counterfact_metake_s0", "case_id"]) == CASES
+    assert not runs.curves.empty and set(runs.curves["kind"]) == {"downstream", "probe"}
+    # a folder of run directories stands for its runs
+    assert len(load_runs([grid[0].parent]).manifests) == 7
+
+
+def test_bootstrap_unit_is_the_batch_only_with_enough_batches(grid):
+    from reports import stats
+    from reports.tables import cluster_labels
+
+    frame = load_runs(grid[:1]).frame
+    assert frame["batch"].nunique() < stats.MIN_CLUSTERS
+    assert all(x.startswith("c:") for x in cluster_labels(frame))  # 4 batches: cases
+    many = frame.assign(batch=np.arange(len(frame)) // 2)
+    labels = cluster_labels(many)
+    assert labels[0] == labels[1] == "b:0" and len(set(labels)) == len(frame) // 2
+
+
+def test_metake_solver_hparam_names_the_arm(tmp_path):
+    d = make_run(tmp_path, "metake", hparams={"solver": "memit"})
+    assert set(load_runs([d]).frame["arm"]) == {"metake-memit"}
+
+
+def test_incomplete_run_is_refused(tmp_path):
+    d = make_run(tmp_path, "alphaedit", status="running")
+    with pytest.raises(UserError, match=r"incomplete \(status 'running'\)"):
+        load_runs([d])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="not a run directory"):
+        load_runs([empty])
+    with pytest.raises(UserError, match="no such directory"):
+        load_runs([tmp_path / "nowhere"])
+
+
+def test_mismatched_runs_give_a_clear_message(tmp_path):
+    a = make_run(tmp_path, "alphaedit")
+    b = make_run(tmp_path, "metake", case_ids=CASES[::-1])
+    c = make_run(tmp_path, "memit", data_sha="e" * 64)
+    e = make_run(tmp_path, "rome", model_sha="f" * 64)
+    runs = load_runs([a, b, c, e])
+    with pytest.raises(UserError) as info:
+        check_comparable(runs.subset([a.name, b.name]))
+    msg = str(info.value)
+    assert a.name in msg and b.name in msg and "same cases in a different order" in msg
+    with pytest.raises(UserError, match="data sha256: 'dddddddddddd' vs 'eeeeeeeeeeee'"):
+        check_comparable([runs.manifests[a.name], runs.manifests[c.name]])
+    with pytest.raises(UserError, match="model sha256"):
+        check_comparable(runs.subset([a.name, e.name]))
+    check_comparable(runs.subset([a.name, e.name]), same_model=False)  # design only: fine
+    with pytest.raises(UserError, match="not comparable"):
+        build_report([a, c], tmp_path / "report")
+
+
+def test_claims_on_synthetic_runs(grid):
+    runs = load_runs(grid)
+    rows = claims.run_claims(runs, claims.Settings(n_resamples=200))
+    detail = claims.finalise(rows)
+    summary = claims.summarise(detail).set_index("claim")
+    assert list(summary.index) == [f"T{i}" for i in range(1, 9)]  # nothing dropped
+    assert summary.loc["T2", "verdict"] == "supported"  # rho +0.2 vs both, z_error down
+    assert summary.loc["T4", "verdict"] == "supported"  # gain grows as baseline rho falls
+    assert summary.loc["T5", "verdict"].startswith("not testable: missing runs metake-noproxy")
+    assert "missing runs metake-memit" in summary.loc["T7", "verdict"]
+    assert summary.loc["T1", "verdict"] == "supported"  # failures have low rho
+    t8 = detail[detail["claim"] == "T8"]
+    assert t8["value"].iloc[0] < 0  # rho declines with the batch index
+    p = detail["p"].to_numpy(float)
+    ok = np.isfinite(p)
+    assert np.all(detail["p_holm"].to_numpy(float)[ok] >= p[ok] - 1e-12)
+    assert set(detail["verdict"]) <= {"supported", "not supported"} | {
+        v for v in detail["verdict"] if v.startswith("not testable: ")}
+
+
+@pytest.fixture(scope="module")
+def report(grid: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_report(grid, tmp_path_factory.mktemp("report"), n_resamples=200)
+
+
+def test_build_report_writes_everything(report):
+    out = report.parent
+    text = report.read_text()
+    assert report.name == "index.md"
+    for needle in ("## Runs", "## Data", DATA_SHA, "## Software", "## Claims", "T8",
+                   "## Figures", "![Figure 1]", "Holm", "alphaedit", "metake"):
+        assert needle in text, needle
+    for stem in ("main_counterfact_toy", "outcomes_counterfact_toy",
+                 "downstream_counterfact_toy", "pairwise", "claims", "claims_summary", "runs"):
+        for ext in ("md", "tex", "csv"):
+            assert (out / "tables" / f"{stem}.{ext}").stat().st_size > 0, (stem, ext)
+    tex = (out / "tables" / "main_counterfact_toy.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and "Score" in tex
+    pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert pngs == sorted(f"{k}_counterfact_toy.png" for k in (
+        "metrics", "downstream", "probe", "diagnostics", "gain_vs_rho", "rho_by_batch"))
+    for p in (out / "figures").glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figures/{p.name}" in text
+
+
+def test_missing_data_skips_figures_with_a_note(tmp_path):
+    d = make_run(tmp_path / "runs", "ft", diagnostics=False)
+    index = build_report([d], tmp_path / "report", n_resamples=100)
+    text = index.read_text()
+    assert "Figures not drawn" in text and "no method recorded rho" in text
+    assert "not testable: missing runs" in text
+    assert (tmp_path / "report" / "figures" / "metrics_counterfact_toy.png").exists()
+
+
+def test_cli_report(grid, tmp_path, capsys):
+    out = tmp_path / "cli_report"
+    assert main(["report", str(grid[0]), "--out", str(out), "--n-resamples", "100"]) == 0
+    assert (out / "index.md").exists()
+    bad = make_run(tmp_path / "more", "rome", status="running")
+    capsys.readouterr()
+    assert main(["report", str(bad), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("keh: error: run ") and "incomplete" in err[0]
+
+
+def test_t7_ordering_with_solver_variants(tmp_path):
+    gains = {"alphaedit": 1.0, "memit": 0.5, "rome": 0.0}
+    dirs = []
+    for solver, gain in gains.items():
+        dirs.append(make_run(tmp_path, solver))
+        dirs.append(make_run(tmp_path, "metake", margin_gain=gain, run_id=f"metake_{solver}",
+                             hparams={"solver": solver}))
+    runs = load_runs(dirs)
+    assert set(runs.frame["arm"]) == {"alphaedit", "memit", "rome", "metake", "metake-memit",
+                                      "metake-rome"}
+    detail = claims.finalise(claims.t7_ordering(runs, claims.Settings(n_resamples=200)))
+    assert list(detail["verdict"]) == ["supported"] * 3
+    assert np.isnan(detail["p"].iloc[2])  # the negative control is not a significance test
+
+
+def test_runs_without_a_common_seed_or_weights_are_not_paired(tmp_path):
+    a = make_run(tmp_path, "alphaedit", 0, model_sha="a" * 64)
+    b = make_run(tmp_path, "metake", 1, model_sha="b" * 64, rho_shift=0.2)
+    rows = claims.t2_realisation(load_runs([a, b]), claims.Settings(n_resamples=100))
+    verdict = rows[0]["verdict"]
+    assert verdict.startswith("not testable: metake and alphaedit have no seed in common")
+    assert "model sha256" in verdict and a.name in verdict and b.name in verdict
+    # the same weights (a real model) pair across seeds: case means
+    c = make_run(tmp_path / "same", "alphaedit", 0)
+    d = make_run(tmp_path / "same", "metake", 1, rho_shift=0.2)
+    rows = claims.finalise(claims.t2_realisation(load_runs([c, d]),
+                                                 claims.Settings(n_resamples=100)))
+    assert rows["verdict"].iloc[0] == "supported"
+
+
+def test_zsre_columns_and_locality(tmp_path):
+    from reports.tables import main_table
+
+    dirs = []
+    for method, shift in (("alphaedit", 0.0), ("metake", 0.001)):
+        d = make_run(tmp_path, method, suite="zsre")
+        recs = [json.loads(x) for x in (d / "records.jsonl").read_text().splitlines()]
+        for i, r in enumerate(recs):
+            for k in [k for k in r if k.endswith(("_success", "_margin", "_magnitude"))]:
+                del r[k]
+            r.update({"efficacy_accuracy": 0.5 + 0.02 * (i % 5), "paraphrase_accuracy": 0.4,
+                      "specificity_accuracy": 0.3 + 0.01 * (i % 3) + shift})
+        (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        dirs.append(d)
+    runs = load_runs(dirs)
+    table = main_table(runs, n_resamples=100)
+    assert list(table.display.columns[-3:]) == ["Eff", "Gen", "Spe"]
+    expected = 100 * np.mean([0.5 + 0.02 * (i % 5) for i in range(N_CASES)])
+    assert table.raw.loc[0, "Eff"] == pytest.approx(expected)
+    t6 = claims.finalise(claims.t6_locality(runs, claims.Settings(n_resamples=100)))
+    assert list(t6["test"]) == ["Spe (specificity_accuracy): metake non-inferior to alphaedit"]
+    assert t6["verdict"].iloc[0] == "supported" and t6["value"].iloc[0] == pytest.approx(0.1)

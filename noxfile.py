@@ -61,3 +61,11 @@ def report(session: nox.Session) -> None:
     """Rebuild a report from run directories: ``nox -s report -- RUN_DIR... --out DIR``."""
     _install(session)
     session.run("python", "-m", "harness", "report", *session.posargs, env=_env())
+
+
+@nox.session
+def perf(session: nox.Session) -> None:
+    """Phase timings against the forward-pass limit (``-- --model random:llama3-8b --dtype
+    bfloat16 --device cuda`` on a GPU); not part of the tests."""
+    _install(session)
+    session.run("python", "-m", "harness.perf", *session.posargs, env=_env())

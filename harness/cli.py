@@ -1,6 +1,7 @@
 """Command line: ``keh run``, ``keh list``, ``keh report`` (also ``python -m harness``).
 
-Bad input ends with one line on stderr (``keh: error: ...``) and exit status 2.
+Bad input ends with one line on stderr (``keh: error: ...``) and exit status 2, and so does a
+run stopped by ``--stop-on-error``. ``keh run --resume RUN_DIR`` continues a killed run.
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--generation-tokens", type=int, default=d.generation_tokens,
                    help="greedy tokens per prompt for fluency/consistency (0: off)")
     r.add_argument("--trust-remote-code", action="store_true")
+    r.add_argument("--stop-on-error", action="store_true",
+                   help="stop when a method fails on a batch (numerical error, non-finite "
+                        "diagnostics) instead of recording its cases as failed")
+    r.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue a killed run from its last checkpoint; the config comes "
+                        "from RUN_DIR/manifest.json (other run flags are refused, except "
+                        "--stop-on-error and --allow-revision-change)")
+    r.add_argument("--allow-revision-change", action="store_true",
+                   help="with --resume: allow a different git commit than the run's")
 
     sub.add_parser("list", help="list methods, suites and built-in models")
 
@@ -106,7 +116,28 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         eval_batch_size=args.eval_batch_size, trust_remote_code=args.trust_remote_code,
         downstream=list(args.downstream), downstream_limit=args.downstream_limit,
         downstream_fewshot=args.downstream_fewshot, generation_tokens=args.generation_tokens,
+        stop_on_error=args.stop_on_error,
     )
+
+
+#: run flags that --resume accepts (everything else comes from the run's manifest)
+RESUME_FLAGS = ("resume", "allow_revision_change", "stop_on_error")
+
+
+def _cmd_resume(args: argparse.Namespace) -> None:
+    """``keh run --resume RUN_DIR``: refuse run-shaping flags, then resume."""
+    from harness.runner import resume
+
+    defaults = vars(build_parser().parse_args(["run"]))
+    given = sorted(k for k, v in vars(args).items()
+                   if k not in RESUME_FLAGS and k in defaults and v != defaults[k])
+    if given:
+        flags = ", ".join("--" + ("set" if k == "overrides" else k.replace("_", "-"))
+                          for k in given)
+        raise UserError(f"--resume takes the run's config from its manifest; drop {flags} "
+                        f"(or start a new run)")
+    resume(args.resume, allow_revision_change=args.allow_revision_change,
+           stop_on_error=args.stop_on_error)
 
 
 def _cmd_list() -> None:
@@ -121,9 +152,13 @@ def _cmd_list() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
+        if args.command == "run" and args.resume is not None:
+            _cmd_resume(args)
+        elif args.command == "run":
             from harness.runner import run
 
+            if args.allow_revision_change:
+                raise UserError("--allow-revision-change only applies with --resume")
             run(config_from_args(args))
         elif args.command == "list":
             _cmd_list()

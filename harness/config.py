@@ -24,7 +24,9 @@ class RunConfig:
     built-in ones) evaluated before the first edit and after the last batch, on at most
     ``downstream_limit`` examples each (0: all) with ``downstream_fewshot`` shots.
     ``generation_tokens``: greedy tokens generated per prompt for the fluency/consistency metrics
-    of suites that have them (0: off).
+    of suites that have them (0: off). ``stop_on_error``: stop the run when a method fails on
+    a batch (numerical error, non-finite diagnostics) instead of recording that batch's cases
+    as failed and going on.
     """
 
     model: str = "smollm2-135m"
@@ -50,9 +52,12 @@ class RunConfig:
     downstream_fewshot: int = 0
     generation_tokens: int = 0
     trust_remote_code: bool = False
+    stop_on_error: bool = False
 
     # fields that say where things go, not what is computed: left out of the identity hash
     _LOCATION_FIELDS = ("out_dir", "run_id", "data_dir", "device")
+    # fields that say what to do when something goes wrong, not what a record holds: left out too
+    _BEHAVIOUR_FIELDS = ("stop_on_error",)
 
     def validate(self) -> None:
         if self.n_edits < 1:
@@ -80,7 +85,7 @@ class RunConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that determine the numbers (location fields removed)."""
         d = self.to_dict()
-        for k in self._LOCATION_FIELDS:
+        for k in (*self._LOCATION_FIELDS, *self._BEHAVIOUR_FIELDS):
             d.pop(k, None)
         return d
 

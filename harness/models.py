@@ -234,7 +234,7 @@ def _convert_gguf(gguf: Path, digest: str) -> Path:
         return out
     from transformers import AutoTokenizer
 
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # concurrent converters don't collide
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = _from_pretrained(gguf.parent, torch.float32, gguf_file=gguf.name)
@@ -243,8 +243,16 @@ def _convert_gguf(gguf: Path, digest: str) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / ".complete").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
+    if (out / ".complete").exists():  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
     shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # lost a race to a concurrent converter
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / ".complete").exists():
+            raise
     return out
 
 

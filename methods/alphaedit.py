@@ -18,6 +18,7 @@ from typing import Any
 
 from methods.base import EditOutcome, EditRequest
 from methods.locate import LocateHparams, Solver, edit_batch, projectors
+from methods.locate import prepare as prepare  # runner hook
 from methods.solvers import alphaedit_A
 
 NAME = "alphaedit"

@@ -15,6 +15,7 @@ import torch
 from methods import metake
 from methods.base import EditOutcome, EditRequest
 from methods.keys import averaged_keys
+from methods.metake import prepare as prepare  # runner hook
 
 NAME = "alphaedit-rescaled"
 

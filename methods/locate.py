@@ -94,6 +94,16 @@ def projectors(lm: LoadedModel, hp: LocateHparams, layers: Sequence[int]
     return out
 
 
+def prepare(lm: LoadedModel, hp: LocateHparams) -> None:
+    """Runner hook, called once before the first batch (and again when a run resumes, before
+    the checkpointed weights are loaded): compute on the unedited model what every batch
+    reuses (key statistics, projectors, context prefixes), so that a resumed run uses the same
+    ones as an uninterrupted run."""
+    check_layers(lm, hp.layers)
+    projectors(lm, hp, hp.layers)
+    context_templates(lm, hp.n_context, hp.context_length, seed=int(lm.info.get("seed", 0)))
+
+
 #: solver(layer, R (d_out, n), K (d_in, n)) -> A (n, d_in), Delta = R A
 Solver = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from methods.base import EditOutcome, EditRequest
 from methods.locate import LocateHparams, Solver, edit_batch, layer_statistics
+from methods.locate import prepare as prepare  # runner hook
 from methods.solvers import memit_A
 
 NAME = "memit"

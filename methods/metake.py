@@ -41,6 +41,7 @@ from methods import alignment, alphaedit, memit, rome
 from methods.base import EditOutcome, EditRequest
 from methods.keys import averaged_keys
 from methods.locate import Solver, edit_batch, layer_statistics
+from methods.locate import prepare as prepare  # runner hook
 from methods.solvers import alphaedit_A, memit_A, rome_A
 from methods.targets import TargetProblem, add_at_sites
 

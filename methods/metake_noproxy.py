@@ -9,6 +9,7 @@ from typing import Any
 
 from methods import metake
 from methods.base import EditOutcome, EditRequest
+from methods.metake import prepare as prepare  # runner hook
 
 NAME = "metake-noproxy"
 

@@ -14,6 +14,7 @@ from typing import Any
 from harness.errors import UserError
 from methods.base import EditOutcome, EditRequest
 from methods.locate import LocateHparams, Solver, edit_batch, layer_statistics
+from methods.locate import prepare as prepare  # runner hook
 from methods.solvers import rome_A
 
 NAME = "rome"

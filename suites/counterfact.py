@@ -180,4 +180,5 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
     if all(k in out for k in ("efficacy_success", "paraphrase_success", "neighborhood_success")):
         out["score"] = metrics.harmonic_mean(
             [out["efficacy_success"], out["paraphrase_success"], out["neighborhood_success"]])
+    out.update(metrics.diagnostic_means(records))
     return out

@@ -49,3 +49,20 @@ def harmonic_mean(values: Sequence[float]) -> float:
     if any(v <= 0 for v in vals):
         return 0.0
     return len(vals) / sum(1.0 / v for v in vals)
+
+
+#: per-edit diagnostics (METAKE.md) whose means go into every run summary
+SUMMARY_DIAGNOSTICS = ("rho", "z_error", "phi")
+
+
+def diagnostic_means(records: Sequence[dict]) -> dict[str, float]:
+    """``mean_<name>`` over the records' finite ``diagnostics[name]`` for
+    :data:`SUMMARY_DIAGNOSTICS` (absent when no record has it, e.g. noop or FT)."""
+    out: dict[str, float] = {}
+    for name in SUMMARY_DIAGNOSTICS:
+        vals = [d[name] for r in records
+                if isinstance(d := r.get("diagnostics") or {}, dict)
+                and isinstance(d.get(name), int | float) and math.isfinite(d[name])]
+        if vals:
+            out[f"mean_{name}"] = sum(vals) / len(vals)
+    return out

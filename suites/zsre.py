@@ -277,4 +277,5 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
             continue
         m = sum(vals) / len(vals)
         out[f] = m if f == "efficacy_margin" else 100.0 * m
+    out.update(metrics.diagnostic_means(records))
     return out

@@ -61,3 +61,39 @@ def test_console_entry_point_exit_status(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().startswith("keh: error: unknown method")
     assert "Traceback" not in out.stderr
+
+
+def _finished_run(tmp_path, capsys) -> str:
+    """A complete 1-case noop run on the tiny random model (in this process)."""
+    run_dir = tmp_path / "runs" / "r"
+    assert main(["run", "--model", "random:llama-tiny", "--n-edits", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "runs"), "--run-id", "r"]) == 0
+    capsys.readouterr()
+    return str(run_dir)
+
+
+def test_resume_bad_directories(tmp_path, capsys, shared_data):
+    code, err = _run(["run", "--resume", str(tmp_path / "nope")], capsys)
+    assert code == 2 and err == [f"keh: error: --resume {tmp_path / 'nope'}: no such run "
+                                 f"directory"]
+    code, err = _run(["run", "--resume", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "no manifest.json there" in err[0]
+    (tmp_path / "manifest.json").write_text('{"status": "running", ')
+    code, err = _run(["run", "--resume", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "manifest.json is not valid JSON" in err[0]
+    (tmp_path / "manifest.json").write_text('{"status": "running"}')
+    code, err = _run(["run", "--resume", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "manifest.json lacks config, config_hash" in err[0]
+
+
+def test_resume_refuses_complete_runs_and_run_flags(tmp_path, capsys, shared_data, tiny_lm):
+    run_dir = _finished_run(tmp_path, capsys)
+    code, err = _run(["run", "--resume", run_dir], capsys)
+    assert code == 2 and err == [f"keh: error: --resume {run_dir}: the run is already "
+                                 f"complete; nothing to resume"]
+    code, err = _run(["run", "--resume", run_dir, "--n-edits", "5", "--set", "lr=1"], capsys)
+    assert code == 2 and len(err) == 1
+    assert "config from its manifest; drop --n-edits, --set" in err[0]
+    code, err = _run(["run", "--allow-revision-change", "--out", str(tmp_path)], capsys)
+    assert code == 2 and err == ["keh: error: --allow-revision-change only applies with "
+                                 "--resume"]

@@ -67,7 +67,7 @@ def test_method_edits_and_reports_diagnostics(tiny_lm, corpus, requests_, name, 
             for key in ("rho", "z_error", "phi", "residual_norm", "update_norm"):
                 assert key in d and d[key] == d[key], key  # present and not NaN
             assert d["target_nll_final"] < d["target_nll_init"]
-            assert 0.0 <= d["phi"] <= 1.0 + 1e-9
+            assert 0.0 <= d["phi"] <= 1.0 + 1e-6  # P is stored in float32
     finally:
         _restore(tiny_lm, snap)
 

@@ -39,3 +39,9 @@ def test_harmonic_mean():
     assert metrics.harmonic_mean([50.0, 100.0, 100.0]) == pytest.approx(75.0)
     assert metrics.harmonic_mean([0.0, 100.0]) == 0.0
     assert math.isnan(metrics.harmonic_mean([float("nan"), 1.0]))
+
+
+def test_diagnostic_means_skip_missing_and_nonfinite():
+    recs = [{"diagnostics": {"rho": 0.5, "z_error": float("nan")}},
+            {"diagnostics": {"rho": 1.0, "z_error": 0.2}}, {"diagnostics": {}}, {}]
+    assert metrics.diagnostic_means(recs) == {"mean_rho": 0.75, "mean_z_error": 0.2}

@@ -70,10 +70,22 @@ def test_early_stop_equals_full_forward(tiny_lm, corpus):
 def test_symmetric_psd(tiny_lm, corpus):
     C0 = stats.second_moments(tiny_lm, [2], corpus, n_tokens=N_TOKENS, seq_len=SEQ_LEN,
                               show_progress=False)[2]
-    torch.testing.assert_close(C0, C0.T)
+    assert torch.equal(C0, C0.T)
     evals = torch.linalg.eigvalsh(C0.double())
     assert evals.min() >= -1e-6 * evals.max()
     assert torch.isfinite(C0).all()
+
+
+@pytest.mark.parametrize("d", [1, 64, 300, 1024, 1537])
+def test_block_upper_rank_update_is_exact(d):
+    torch.manual_seed(d)
+    k1, k2 = torch.randn(70, d, dtype=torch.float64), torch.randn(9, d, dtype=torch.float64)
+    S = torch.zeros(d, d, dtype=torch.float64)
+    stats._sym_rank_update(S, k1)
+    stats._sym_rank_update(S, k2)
+    C = stats._symmetric_from_upper(S)
+    torch.testing.assert_close(C, k1.T @ k1 + k2.T @ k2)
+    assert torch.equal(C, C.T)
 
 
 def test_cache_hit_and_partial_reuse(tiny_lm, corpus, tmp_path, monkeypatch):

@@ -1,0 +1,182 @@
+"""Checkpoints that make a run resumable after a kill at any moment (``keh run --resume``).
+
+Layout, inside the run directory::
+
+    checkpoint/progress.json            what is done (atomic JSON, written last)
+    checkpoint/tensors-<serial>.safetensors
+        weight.<layer>   edited rewrite matrices (sequential mode)
+        state.<key>      the method's solver state (sequential mode)
+        rng.torch        torch's CPU generator state (uint8); rng.cuda.<i> on CUDA
+
+``progress.json`` names the tensor file it belongs to; a new tensor file is written (temp file,
+fsync, rename) *before* the progress that points to it, and older tensor files are deleted only
+after, so a kill between the two leaves the previous, consistent pair. No pickle anywhere:
+tensors go through safetensors, everything else through JSON.
+
+``records_lines`` / ``curve_lines`` count the lines of ``records.jsonl`` / ``curve.jsonl`` that
+belong to completed work; a resume cuts both files back to those counts (lines written by a
+batch that was not marked complete are dropped, so a batch's records are all-or-nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from harness import records as rec_io
+from harness.errors import UserError
+
+CHECKPOINT_DIR = "checkpoint"
+PROGRESS = "progress.json"
+FORMAT = 1
+
+
+@dataclass
+class Progress:
+    """What a run has finished. ``batches_done``: edited batches whose effects are saved
+    (batch mode: evaluated and recorded too). ``final_evaluated``: sequential mode, cases of
+    the final evaluation written (None before that phase starts). ``pending``: sequential mode,
+    per-case entries ``{index, batch, diagnostics}`` or ``{index, batch, error}`` awaiting the
+    final evaluation. ``rng``: Python and NumPy generator states (torch's is in the tensors)."""
+
+    batches_done: int = 0
+    final_evaluated: int | None = None
+    records_lines: int = 0
+    curve_lines: int = 0
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+    tensors: str | None = None
+    serial: int = 0
+    format: int = FORMAT
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Atomically write ``tensors`` (moved to CPU, made contiguous) as safetensors."""
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(cpu, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON-able Python/NumPy states, torch generator states as uint8 tensors)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    js = {"python": [version, list(internal), gauss],
+          "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]}
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return js, tensors
+
+
+def set_rng_state(js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`rng_state`."""
+    if "python" in js:
+        version, internal, gauss = js["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in js:
+        name, keys, pos, has_gauss, cached = js["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k].to(torch.uint8) for k in cuda])
+
+
+def check_state(state: dict[str, Any], method: str) -> None:
+    """Solver state must be a flat dict of tensors (it is checkpointed as safetensors)."""
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UserError(
+                f"method {method!r} returned solver state {key!r} of type "
+                f"{type(value).__name__}; state values must be tensors keyed by strings so that "
+                f"sequential runs can be checkpointed")
+
+
+def save(run_dir: Path, progress: Progress, tensors: dict[str, torch.Tensor] | None) -> None:
+    """Record ``progress``; with ``tensors``, first write them to a new tensor file (the
+    progress then points to it). Without, the progress keeps its current tensor file."""
+    d = checkpoint_dir(run_dir)
+    d.mkdir(exist_ok=True)
+    if tensors is not None:
+        progress.serial += 1
+        name = f"tensors-{progress.serial:06d}.safetensors"
+        save_tensors(d / name, tensors)
+        progress.tensors = name
+    rec_io.write_json(d / PROGRESS, asdict(progress))
+    _remove_stale(d, progress.tensors)
+
+
+def _remove_stale(d: Path, keep: str | None) -> None:
+    for f in d.glob("tensors-*.safetensors*"):
+        if f.name != keep:
+            f.unlink(missing_ok=True)
+
+
+def load(run_dir: Path) -> tuple[Progress, dict[str, torch.Tensor]] | None:
+    """The last saved progress and its tensors, or None if the run saved none yet."""
+    d = checkpoint_dir(run_dir)
+    path = d / PROGRESS
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        progress = Progress(**data)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+        raise UserError(f"{path}: not a valid checkpoint ({exc}); the run cannot be "
+                        f"resumed, start it again in a new directory") from exc
+    if progress.format != FORMAT:
+        raise UserError(f"{path}: checkpoint format {progress.format}, this code reads "
+                        f"{FORMAT}")
+    tensors: dict[str, torch.Tensor] = {}
+    if progress.tensors is not None:
+        tpath = d / progress.tensors
+        try:
+            tensors = load_file(str(tpath))
+        except (OSError, SafetensorError) as exc:
+            raise UserError(f"{tpath}: cannot read the checkpoint's tensors ({exc})") from exc
+    _remove_stale(d, progress.tensors)
+    return progress, tensors
+
+
+def truncate_lines(path: Path, n_lines: int) -> None:
+    """Keep the first ``n_lines`` complete lines of ``path`` (atomic rewrite if it had more,
+    including a partial last line); refuse if it has fewer."""
+    raw = path.read_bytes() if path.exists() else b""
+    end = 0
+    for _ in range(n_lines):
+        nl = raw.find(b"\n", end)
+        if nl < 0:
+            raise UserError(f"{path} holds fewer lines than its checkpoint says ({n_lines}); "
+                            f"the run directory was modified and cannot be resumed")
+        end = nl + 1
+    if end != len(raw):
+        rec_io.atomic_write_text(path, raw[:end].decode("utf-8"))

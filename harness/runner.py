@@ -145,6 +145,18 @@ def _case_record(cfg: RunConfig, index: int, batch: int, metrics: dict[str, Any]
             "case_index": cfg.start + index, "batch": batch, **metrics, "diagnostics": diag}
 
 
+def _seed_and_load(cfg: RunConfig, lm: LoadedModel | None,
+                   timings: dict[str, Any]) -> LoadedModel:
+    """Seed every RNG, then load the model unless one is given; time it into ``timings``."""
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    if lm is None:
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
+                        trust_remote_code=cfg.trust_remote_code)
+    timings["load_model_s"] = time.perf_counter() - t0
+    return lm
+
+
 def run(cfg: RunConfig, log: Callable[[str], None] = print,
         lm: LoadedModel | None = None) -> Path:
     """Run ``cfg`` end to end; return the run directory. ``lm`` reuses a loaded model (its
@@ -155,13 +167,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print,
                         f"--run-id or --out, resume it with --resume {p.run_dir}, or remove it")
     p.run_dir.mkdir(parents=True, exist_ok=True)
     timings = dict(p.timings)
-    seed_everything(cfg.seed)
-
-    t0 = time.perf_counter()
-    if lm is None:
-        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-                        trust_remote_code=cfg.trust_remote_code)
-    timings["load_model_s"] = time.perf_counter() - t0
+    lm = _seed_and_load(cfg, lm, timings)
     manifest: dict[str, Any] = {
         "run_id": p.run_dir.name,
         "status": "running",
@@ -264,12 +270,7 @@ def resume(run_dir: str | Path, log: Callable[[str], None] = print,
                         "the run's manifest")
     saved = ckpt.load(run_dir)  # validated before the model is loaded
     timings = dict(p.timings)
-    seed_everything(cfg.seed)
-    t0 = time.perf_counter()
-    if lm is None:
-        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-                        trust_remote_code=cfg.trust_remote_code)
-    timings["load_model_s"] = time.perf_counter() - t0
+    lm = _seed_and_load(cfg, lm, timings)
     if lm.sha256 != manifest["model"].get("sha256"):
         raise UserError(f"cannot resume {run_dir}: model {cfg.model} (sha256 {lm.sha256}) "
                         f"differs from the run's manifest ({manifest['model'].get('sha256')})")

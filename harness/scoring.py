@@ -21,11 +21,17 @@ from harness.models import LoadedModel
 
 @dataclass
 class TargetScores:
-    """Per pair: ``logprobs[i]`` (n_i,) log p(t_j | prompt, t_<j) and ``correct[i]`` (n_i,)
-    whether t_j is the argmax prediction (teacher-forced token accuracy, zsRE's metric)."""
+    """Per pair: ``logprobs[i]`` (n_i,) log p(t_j | prompt, t_<j), ``predicted[i]`` (n_i,) the
+    argmax token at each predicting position, ``target_ids[i]`` (n_i,) the target tokens."""
 
     logprobs: list[torch.Tensor]
-    correct: list[torch.Tensor]
+    predicted: list[torch.Tensor]
+    target_ids: list[torch.Tensor]
+
+    @property
+    def correct(self) -> list[torch.Tensor]:
+        """(n_i,) whether t_j is the argmax prediction (teacher-forced token accuracy)."""
+        return [p == t for p, t in zip(self.predicted, self.target_ids, strict=True)]
 
     def mean_logprob(self) -> torch.Tensor:
         """(n_pairs,) mean per-token log-probability (the multi-token score of ROME)."""
@@ -134,16 +140,16 @@ def score_targets(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str
     enc = [encode_pair(tok, p, t) for p, t in zip(prompts, targets, strict=True)]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
     out_lp: list[torch.Tensor] = [torch.empty(0)] * len(enc)
-    out_ok: list[torch.Tensor] = [torch.empty(0)] * len(enc)
+    out_pred: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(enc)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = pack(tok, [enc[i] for i in idx], lm.device)
         lp, logits = packed_logprobs(lm, batch)
-        ok = (logits.argmax(-1) == batch.targets).cpu()
-        lp = lp.cpu()
+        lp, pred = lp.float().cpu(), logits.argmax(-1).cpu()
         offset = 0
         for i, n_t in zip(idx, batch.lengths, strict=True):
             out_lp[i] = lp[offset:offset + n_t]
-            out_ok[i] = ok[offset:offset + n_t]
+            out_pred[i] = pred[offset:offset + n_t]
             offset += n_t
-    return TargetScores(logprobs=out_lp, correct=out_ok)
+    target_ids = [torch.tensor(t, dtype=torch.long) for _, t in enc]
+    return TargetScores(logprobs=out_lp, predicted=out_pred, target_ids=target_ids)

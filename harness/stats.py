@@ -563,7 +563,9 @@ def benchmark_stats(lm: LoadedModel, layers: Sequence[int], n_tokens: int = 100_
     (:func:`accumulate_second_moments` for ``layers`` over all ``n_tokens``). The forward
     baselines cover the first ``baseline_tokens`` tokens (all by default; a prefix keeps the
     benchmark short on slow CPUs, since tokens/s is a steady rate). Each ``*_tok_s`` is tokens
-    over the fastest round (least disturbed by other load); ``*_s_all`` lists every round.
+    over the fastest round (least disturbed by other load); ``*_s_all`` lists every round and
+    ``*_cpu_s`` is the process CPU time of the fastest round (on a shared CPU, ``cpu_s /
+    threads`` approximates the wall time of an otherwise idle machine).
     ``ratio = stats_tok_s / forward_tok_s`` (the target is >= 0.7).
     """
     layers = sorted(set(layers))
@@ -583,14 +585,14 @@ def benchmark_stats(lm: LoadedModel, layers: Sequence[int], n_tokens: int = 100_
 
     base = prefix(baseline_tokens) if baseline_tokens else tokens
 
-    def timed(fn: Any) -> float:
+    def timed(fn: Any) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
     def forward(chunks: TokenChunks, stop: str | None) -> None:
         with torch.inference_mode():
@@ -608,7 +610,8 @@ def benchmark_stats(lm: LoadedModel, layers: Sequence[int], n_tokens: int = 100_
     warm = prefix(min(tokens.n_tokens, batch_size * (seq_len - tokens.n_prefix)))
     forward(warm, None)
     run_stats(warm)
-    times: dict[str, list[float]] = {"forward": [], "forward_no_head": [], "stats": []}
+    times: dict[str, list[tuple[float, float]]] = {"forward": [], "forward_no_head": [],
+                                                   "stats": []}
     for _ in range(max(1, repeats)):
         times["forward"].append(timed(lambda: forward(base, None)))
         times["forward_no_head"].append(timed(lambda: forward(base, lm.spec.final_norm)))
@@ -621,9 +624,11 @@ def benchmark_stats(lm: LoadedModel, layers: Sequence[int], n_tokens: int = 100_
     }
     for name, ts in times.items():
         n = tokens.n_tokens if name == "stats" else base.n_tokens
-        out[f"{name}_s"] = min(ts)
-        out[f"{name}_s_all"] = ts
-        out[f"{name}_tok_s"] = n / min(ts)
+        wall, cpu = min(ts)
+        out[f"{name}_s"] = wall
+        out[f"{name}_s_all"] = [w for w, _ in ts]
+        out[f"{name}_tok_s"] = n / wall
+        out[f"{name}_cpu_s"] = cpu
     out["ratio"] = out["stats_tok_s"] / out["forward_tok_s"]
     out["ratio_no_head"] = out["stats_tok_s"] / out["forward_no_head_tok_s"]
     out["stats_total_s_est"] = tokenize_s + out["stats_s"]

@@ -170,13 +170,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
     """Means (in percent for *_success and *_magnitude) over records, plus the harmonic-mean
     Score. ``ngram_entropy`` is in bits and ``reference_score`` a cosine in [0, 1] (ROME's tables
     show both times 100); they appear only when generation was on."""
-    out: dict[str, float] = {}
-    for f in SUMMARY_FIELDS:
-        vals = [r[f] for r in records if r.get(f) is not None]
-        if not vals:
-            continue
-        m = sum(vals) / len(vals)
-        out[f] = 100.0 * m if f.endswith(("_success", "_magnitude")) else m
+    out = metrics.field_means(records, SUMMARY_FIELDS,
+                              lambda f: f.endswith(("_success", "_magnitude")))
     if all(k in out for k in ("efficacy_success", "paraphrase_success", "neighborhood_success")):
         out["score"] = metrics.harmonic_mean(
             [out["efficacy_success"], out["paraphrase_success"], out["neighborhood_success"]])

@@ -16,7 +16,7 @@ Comparing P's is the same as comparing mean log-probabilities; ties count as fai
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -65,4 +65,17 @@ def diagnostic_means(records: Sequence[dict]) -> dict[str, float]:
                 and isinstance(d.get(name), int | float) and math.isfinite(d[name])]
         if vals:
             out[f"mean_{name}"] = sum(vals) / len(vals)
+    return out
+
+
+def field_means(records: Sequence[dict], fields: Sequence[str],
+                percent: Callable[[str], bool]) -> dict[str, float]:
+    """Mean of each field over the records that have it (None skipped: failed cases), times 100
+    where ``percent(field)``; fields no record has are left out."""
+    out: dict[str, float] = {}
+    for f in fields:
+        vals = [r[f] for r in records if r.get(f) is not None]
+        if vals:
+            m = sum(vals) / len(vals)
+            out[f] = 100.0 * m if percent(f) else m
     return out

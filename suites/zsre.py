@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from harness.errors import DataError
-from harness.scoring import encode_pair, pack, packed_logprobs
+from harness.scoring import score_targets
 from methods.base import EditRequest
 from suites import metrics
 from suites.counterfact import template_from_prompt
@@ -155,31 +155,10 @@ def mean_or_none(values: Sequence[float]) -> float | None:
 @torch.inference_mode()
 def score_and_predict(lm, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32
                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Teacher-forced pass over (prompt, target) pairs, batched like
-    :func:`harness.scoring.score_targets` (sorted by length, right-padded).
-
-    Returns per pair: log p of each target token, the argmax token id at each predicting
-    position, and the target token ids (all CPU tensors).
-    """
-    if len(prompts) != len(targets):
-        raise ValueError("prompts and targets differ in length")
-    tok = lm.tokenizer
-    enc = [encode_pair(tok, p, t) for p, t in zip(prompts, targets, strict=True)]
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
-    logprobs: list[torch.Tensor] = [torch.empty(0)] * len(enc)
-    predicted: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(enc)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = pack(tok, [enc[i] for i in idx], lm.device)
-        lp, logits = packed_logprobs(lm, batch)
-        lp, pred = lp.float().cpu(), logits.argmax(-1).cpu()
-        offset = 0
-        for i, n_t in zip(idx, batch.lengths, strict=True):
-            logprobs[i] = lp[offset:offset + n_t]
-            predicted[i] = pred[offset:offset + n_t]
-            offset += n_t
-    target_ids = [torch.tensor(t, dtype=torch.long) for _, t in enc]
-    return logprobs, predicted, target_ids
+    """Per pair: log p of each target token, the teacher-forced argmax token ids and the target
+    token ids (CPU tensors), from :func:`harness.scoring.score_targets`."""
+    scores = score_targets(lm, prompts, targets, batch_size=batch_size)
+    return scores.logprobs, scores.predicted, scores.target_ids
 
 
 def reference(lm, requests: list[EditRequest], batch_size: int = 32) -> list[dict[str, Any]]:
@@ -270,12 +249,6 @@ def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
     """Means over records; accuracies, successes and agreement in percent, margin in nats."""
-    out: dict[str, float] = {}
-    for f in SUMMARY_FIELDS:
-        vals = [r[f] for r in records if r.get(f) is not None]
-        if not vals:
-            continue
-        m = sum(vals) / len(vals)
-        out[f] = m if f == "efficacy_margin" else 100.0 * m
+    out = metrics.field_means(records, SUMMARY_FIELDS, lambda f: f != "efficacy_margin")
     out.update(metrics.diagnostic_means(records))
     return out

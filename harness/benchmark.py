@@ -2,7 +2,9 @@
 
 A grid is a YAML file (``harness/grids/<name>.yaml`` or any path) with lists ``models``,
 ``methods``, ``suites``, ``seeds`` and scalars ``n_edits``, ``batch_size``, ``sequential``,
-``out_dir``, ``report_dir`` (and optional ``hparams_overrides`` per method).
+``out_dir``, ``report_dir`` (and optional ``data``, a suite file, and ``hparams_overrides`` per
+method). ``--jobs N`` runs the grid in N processes at once (for a GPU that one small model leaves
+idle); their manifests record ``concurrent_jobs``, since their timings share the device.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,7 @@ class Grid:
     batch_size: int = 10
     sequential: bool = True
     start: int = 0
+    data: str | None = None
     eval_every: int = 0
     downstream: list[str] = field(default_factory=list)
     downstream_limit: int = 200
@@ -51,6 +56,7 @@ class Grid:
             out.append(RunConfig(
                 model=model, method=method, suite=suite, seed=seed, n_edits=self.n_edits,
                 batch_size=self.batch_size, sequential=self.sequential, start=self.start,
+                data=self.data,
                 eval_every=self.eval_every, downstream=list(self.downstream),
                 downstream_limit=self.downstream_limit, out_dir=self.out_dir,
                 device=self.device, dtype=self.dtype,
@@ -80,12 +86,46 @@ def is_complete(run_dir: Path) -> bool:
     return m.exists() and json.loads(m.read_text()).get("status") == "complete"
 
 
+def needs_run(cfg: RunConfig) -> bool:
+    run_dir = Path(cfg.out_dir) / cfg.default_run_id()
+    return not is_complete(run_dir) or bool(stale(run_dir, cfg))
+
+
+def stale(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """What a complete run's manifest holds that this grid would now do differently: resolved
+    hparams (a changed hparams YAML keeps the config hash) and the data file's hash. The
+    code revision is not compared: re-running a grid after a failure must skip finished runs."""
+    from harness.runner import differences, prepare
+
+    manifest = json.loads((run_dir / rec_io.MANIFEST).read_text())
+    diffs, _ = differences(prepare(cfg), manifest, allow_revision_change=True)
+    return diffs
+
+
+def _set_aside(run_dir: Path) -> Path:
+    """Rename a stale run directory to ``<name>.stale-<n>`` (results are never deleted)."""
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
+        n += 1
+    target = run_dir.with_name(f"{run_dir.name}.stale-{n}")
+    run_dir.rename(target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.benchmark")
     ap.add_argument("--grid", default="default")
     ap.add_argument("--out", default=None, help="override the grid's out_dir")
     ap.add_argument("--report-dir", default=None, help="override the grid's report_dir")
     ap.add_argument("--no-report", action="store_true", help="only run the grid")
+    ap.add_argument("--device", default=None, help="override the grid's device")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run the grid in this many processes at once (timings then share the "
+                         "device; the manifests say so)")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated: run only these methods of the grid")
+    ap.add_argument("--seeds", default=None, help="comma-separated: run only these seeds")
+    ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "I/N", used by --jobs
     args = ap.parse_args(argv)
     from harness.models import load_model
     from harness.runner import run
@@ -96,15 +136,43 @@ def main(argv: list[str] | None = None) -> int:
         for grid in grids:
             if args.out:
                 grid.out_dir = args.out
+            if args.device:
+                grid.device = args.device
             configs += [c for c in grid.configs() if c not in configs]
+        if args.methods:
+            keep = set(args.methods.split(","))
+            unknown = keep - {c.method for c in configs}
+            if unknown:
+                raise UserError(f"--methods: {sorted(unknown)} not in grid {args.grid}")
+            configs = [c for c in configs if c.method in keep]
+        if args.seeds:
+            seeds = {int(x) for x in args.seeds.split(",")}
+            configs = [c for c in configs if c.seed in seeds]
+        pending = [c for c in configs if needs_run(c)]
+        if pending and not args.shard:
+            warm_caches(pending)
+        if args.jobs > 1:
+            _run_jobs(argv if argv is not None else sys.argv[1:], args.jobs)
+            args.shard = None
+        elif args.shard:
+            index, total = (int(x) for x in args.shard.split("/"))
+            configs = configs[index::total]
+            args.no_report = True
         loaded: dict[str, Any] = {}
         run_dirs = []
         for i, cfg in enumerate(configs):
             run_dir = Path(cfg.out_dir) / cfg.default_run_id()
             run_dirs.append(run_dir)
+            if args.jobs > 1 and not is_complete(run_dir):
+                raise UserError(f"run {run_dir} did not complete in its worker (see above)")
             if is_complete(run_dir):
-                print(f"[{i + 1}/{len(configs)}] skip (complete): {run_dir}")
-                continue
+                changed = stale(run_dir, cfg)
+                if not changed:
+                    print(f"[{i + 1}/{len(configs)}] skip (complete): {run_dir}")
+                    continue
+                kept = _set_aside(run_dir)
+                print(f"[{i + 1}/{len(configs)}] {run_dir} is complete but stale: "
+                      f"{'; '.join(changed)}; kept as {kept}, running again")
             if run_dir.exists():
                 print(f"[{i + 1}/{len(configs)}] incomplete run {run_dir} is started again")
                 shutil.rmtree(run_dir)
@@ -128,6 +196,52 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def warm_caches(configs: list[RunConfig]) -> None:
+    """Fill the on-disk caches every locate-then-edit run of ``configs`` reads, once: the key
+    statistics of the union of their layers in one pass over the corpus per model (instead of
+    one pass per run, or concurrent passes by parallel workers), then the null-space
+    projectors. The runs then load them; numbers do not change."""
+    from harness.models import load_model
+    from methods import get_method
+    from methods.base import load_hparams
+    from methods.locate import LocateHparams, layer_statistics, projectors
+
+    by_model: dict[tuple[str, str, str, int], list[Any]] = {}
+    for cfg in configs:
+        hp, _ = load_hparams(get_method(cfg.method).Hparams, cfg.method, cfg.model, cfg.hparams,
+                             cfg.hparams_overrides)
+        if isinstance(hp, LocateHparams):
+            by_model.setdefault((cfg.model, cfg.device, cfg.dtype, cfg.seed), []).append(hp)
+    for (model, device, dtype, seed), hps in by_model.items():
+        lm = load_model(model, device, dtype, seed=seed)  # random:<shape> weights follow the seed
+        union: dict[tuple[Any, ...], tuple[Any, set[int]]] = {}
+        for hp in hps:
+            key = (hp.stats_corpus, hp.stats_tokens, hp.stats_seq_len)
+            union.setdefault(key, (hp, set()))[1].update(hp.layers)
+        for hp, layers in union.values():
+            layer_statistics(lm, hp, sorted(layers))
+        for hp in hps:
+            if getattr(hp, "nullspace_threshold", None) is not None:
+                projectors(lm, hp, hp.layers)
+        del lm
+
+
+def _run_jobs(argv: list[str], jobs: int) -> None:
+    """Run the grid as ``jobs`` shard processes (configs i, i+jobs, ...) and wait for them;
+    each gets an equal share of the CPU threads unless ``OMP_NUM_THREADS`` is set."""
+    base = [a for a in argv if not a.startswith("--jobs")]
+    if "--jobs" in argv:  # "--jobs N" as two tokens
+        i = argv.index("--jobs")
+        base = argv[:i] + argv[i + 2:]
+    env = {**os.environ, "KEH_CONCURRENT_JOBS": str(jobs)}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    procs = [subprocess.Popen([sys.executable, "-m", "harness.benchmark", *base, "--no-report",
+                               "--shard", f"{i}/{jobs}"], env=env) for i in range(jobs)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise UserError(f"benchmark workers exited with {codes}")
+
+
 def print_table(run_dirs: list[Path]) -> None:
     import pandas as pd
 
@@ -135,7 +249,9 @@ def print_table(run_dirs: list[Path]) -> None:
     for d in run_dirs:
         m = json.loads((d / rec_io.MANIFEST).read_text())
         rows.append({"suite": m["config"]["suite"], "method": m["method"],
-                     "model": m["config"]["model"], "seed": m["seed"], **m.get("summary", {}),
+                     "model": m["config"]["model"], "seed": m["seed"],
+                     "overrides": json.dumps(m["config"].get("hparams_overrides") or {}),
+                     **m.get("summary", {}),
                      "time_per_edit_s": m.get("timings", {}).get("time_per_edit_s")})
     frame = pd.DataFrame(rows)
     try:

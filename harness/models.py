@@ -9,7 +9,9 @@ Spec forms accepted by :func:`load_model`:
 * ``random:<arch>-<size>`` (e.g. ``random:llama3-8b``, ``random:gpt2-xl``, ``random:llama-tiny``):
   a randomly initialised model of a real shape, for speed and memory benchmarks where the
   weights cannot be downloaded. It uses the SmolLM2 tokenizer (token ids fit every vocabulary).
-* any Hugging Face model id or local directory (``trust_remote_code`` only by explicit flag).
+* any Hugging Face model id or local directory (``trust_remote_code`` only by explicit flag);
+  the short names of :data:`PUBLISHED_MODELS` (``gpt2-xl``, ``gpt-j-6b``, ``llama3-8b``) stand
+  for the hub ids the papers edited, and pick the published hyperparameters.
 
 Architecture facts (module name templates) live in one table, :data:`ARCHITECTURES`, keyed by
 the HF ``config.model_type``; nothing else branches on model names.
@@ -370,7 +372,8 @@ def load_model(
             if local.is_dir():
                 path, digest, source = local, _dir_digest(local), str(local.resolve())
             else:
-                path, digest, source = name, f"hf:{name}", name
+                hub_id = PUBLISHED_MODELS.get(name, name)
+                path, digest, source = hub_id, f"hf:{hub_id}", hub_id
         try:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             model = _from_pretrained(path, dt, trust_remote_code=trust_remote_code)
@@ -389,6 +392,28 @@ def load_model(
     spec = spec_for(model)
     return LoadedModel(model=model, tokenizer=tok, spec=spec, name=name, sha256=digest,
                        source=source, info=info)
+
+
+#: short name -> the Hugging Face id of the model the ROME/MEMIT/AlphaEdit papers edited
+PUBLISHED_MODELS: dict[str, str] = {
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "gpt-j-6b": "EleutherAI/gpt-j-6b",
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B-Instruct",
+}
+
+
+def model_family(name: str) -> str | None:
+    """The short name whose published hyperparameters fit ``name``: itself for a short name,
+    the short name of its hub id, or ``<shape>`` for ``random:<shape>`` (same layer count and
+    widths); None otherwise."""
+    if name.startswith("random:"):
+        return name.split(":", 1)[1]
+    if name in PUBLISHED_MODELS:
+        return name
+    for short, hub_id in PUBLISHED_MODELS.items():
+        if name == hub_id:
+            return short
+    return None
 
 
 def known_models() -> list[str]:

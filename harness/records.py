@@ -111,6 +111,10 @@ def device_description(device: torch.device) -> dict[str, Any]:
     d: dict[str, Any] = {"device": str(device), "platform": platform.platform(),
                          "processor": platform.processor() or platform.machine(),
                          "torch_threads": torch.get_num_threads()}
+    # set by `python -m harness.benchmark --jobs N`: timings then share the device with N-1 runs
+    jobs = os.environ.get("KEH_CONCURRENT_JOBS")
+    if jobs:
+        d["concurrent_jobs"] = int(jobs)
     if device.type == "cuda":
         d["gpu"] = torch.cuda.get_device_name(device)
         d["cuda"] = torch.version.cuda

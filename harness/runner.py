@@ -51,7 +51,7 @@ from harness import checkpoint as ckpt
 from harness import records as rec_io
 from harness.config import RunConfig
 from harness.errors import UserError
-from harness.models import LoadedModel, load_model, sha256_file
+from harness.models import LoadedModel, cache_dir, load_model, sha256_file
 from methods import get_method
 from methods.base import EditRequest, load_hparams
 from suites import downstream, get_suite
@@ -217,7 +217,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _differences(p: Prepared, manifest: dict[str, Any], allow_revision_change: bool
+def differences(p: Prepared, manifest: dict[str, Any], allow_revision_change: bool
                  ) -> tuple[list[str], dict[str, Any]]:
     """What differs between the run in ``manifest`` and what resuming it now would use
     (config, hparams, data file, code revision); also the current git revision."""
@@ -264,7 +264,7 @@ def resume(run_dir: str | Path, log: Callable[[str], None] = print,
     if stop_on_error is not None:
         cfg.stop_on_error = stop_on_error
     p = prepare(cfg)
-    diffs, git = _differences(p, manifest, allow_revision_change)
+    diffs, git = differences(p, manifest, allow_revision_change)
     if diffs:
         raise UserError(f"cannot resume {run_dir}: " + "; ".join(diffs) + " differ(s) from "
                         "the run's manifest")
@@ -379,9 +379,16 @@ def _checkpoint(p: Prepared, lm: LoadedModel, reference: list[dict[str, Any]] | 
                             "edits_in_model": edits_in_model}
     if cfg.downstream:
         t0 = time.perf_counter()
-        scores = downstream.evaluate_downstream(
-            lm, cfg.downstream, data_dir(cfg.data_dir), limit=cfg.downstream_limit or None,
-            num_fewshot=cfg.downstream_fewshot, batch_size=cfg.eval_batch_size)
+        kwargs = {"limit": cfg.downstream_limit or None, "num_fewshot": cfg.downstream_fewshot,
+                  "batch_size": cfg.eval_batch_size}
+        if edits_in_model == 0:  # the unedited model: measured once per model and settings
+            scores, cached = downstream.evaluate_unedited(
+                lm, cfg.downstream, data_dir(cfg.data_dir), cache_dir() / "downstream",
+                **kwargs)
+            line["downstream_cache"] = str(cached) if cached else None
+        else:
+            scores = downstream.evaluate_downstream(lm, cfg.downstream, data_dir(cfg.data_dir),
+                                                    **kwargs)
         dt = time.perf_counter() - t0
         timings["downstream_s"] += dt
         timings["downstream_examples"] += sum(v["n"] for v in scores.values())

@@ -133,13 +133,18 @@ def hparams_from_dict(cls: type, data: dict[str, Any], source: str = "hparams") 
 def load_hparams(cls: type, method: str, model: str, path: str | Path | None = None,
                  overrides: dict[str, Any] | None = None) -> tuple[Any, str]:
     """Hparams for ``method`` on ``model``: an explicit YAML ``path``, else
-    ``methods/hparams/<method>/<model>.yaml``, else ``default.yaml`` there, else the dataclass
-    defaults; then ``overrides``. Returns (hparams, source description)."""
+    ``methods/hparams/<method>/<model>.yaml``, else the file of its family (``gpt2-xl.yaml``
+    for ``openai-community/gpt2-xl`` or ``random:gpt2-xl``; :func:`harness.models.model_family`),
+    else ``default.yaml`` there, else the dataclass defaults; then ``overrides``.
+    Returns (hparams, source description)."""
     data: dict[str, Any] = {}
     source = "dataclass defaults"
     if path is None:
-        stem = model.replace("/", "_").replace(":", "_")
-        for cand in (HPARAMS_DIR / method / f"{stem}.yaml", HPARAMS_DIR / method / "default.yaml"):
+        from harness.models import model_family
+
+        stems = [model.replace("/", "_").replace(":", "_"), model_family(model)]
+        for cand in [*(HPARAMS_DIR / method / f"{st}.yaml" for st in stems if st),
+                     HPARAMS_DIR / method / "default.yaml"]:
             if cand.exists():
                 path = cand
                 break

@@ -148,7 +148,9 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 
 def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     """Run directories among ``paths``; a directory without a manifest but with run
-    directories directly inside it (e.g. ``runs/benchmark``) stands for those."""
+    directories directly inside it (e.g. ``runs/benchmark``) stands for those, except the ones
+    the benchmark set aside as stale (``<run>.stale-<n>``; name them explicitly to include
+    them)."""
     out: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
@@ -156,7 +158,8 @@ def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
         if (p / MANIFEST).exists() or not p.is_dir():
             out.append(p)
             continue
-        children = sorted(c for c in p.iterdir() if (c / MANIFEST).exists())
+        children = sorted(c for c in p.iterdir()
+                          if (c / MANIFEST).exists() and ".stale-" not in c.name)
         if not children:
             raise UserError(f"{p} is not a run directory (no {MANIFEST}) and holds none")
         out.extend(children)

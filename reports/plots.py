@@ -247,7 +247,7 @@ def plot_rho_by_batch(runs: Runs, directory: Path) -> Figure:
         return Figure(name, "", note=f"{suite} / {model}: rho by batch needs sequential runs "
                       f"with rho and more than one batch")
     colors = _colors(list(dict.fromkeys(runs.frame["arm"])))
-    fig = _new(5.5, 3.8)
+    fig = _new(7.0, 3.8)
     ax = fig.add_subplot()
     for arm, g in f.groupby("arm", sort=False):
         per = g.groupby("batch")["diag_rho"].agg(["mean", "sem"])
@@ -260,7 +260,7 @@ def plot_rho_by_batch(runs: Runs, directory: Path) -> Figure:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("batch index (edits applied in order)")
     ax.set_ylabel("mean realisation rho")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside, not over, lines
     ax.grid(alpha=0.3)
     caption = (f"{suite} / {model}: mean realisation rho of the edits of each batch against "
                f"the batch index in sequential runs (all seeds); bands: mean +- 1.96 standard "

@@ -17,11 +17,15 @@ def data_dir(explicit: str | Path | None = None) -> Path:
 
 def find_data_file(suite: str, candidates: list[str], canonical_url: str,
                    directory: str | Path | None = None, explicit: str | Path | None = None) -> Path:
-    """``explicit`` if given (must exist), else the first of ``candidates`` under the data dir."""
+    """``explicit`` if given (a path, or one relative to the data dir; must exist), else the first
+    of ``candidates`` under the data dir."""
     if explicit is not None:
         p = Path(explicit).expanduser()
+        if not p.is_file() and not p.is_absolute() and (data_dir(directory) / p).is_file():
+            p = data_dir(directory) / p
         if not p.is_file():
-            raise UserError(f"data file {p} for suite {suite!r} does not exist")
+            raise UserError(f"data file {p} for suite {suite!r} does not exist (neither as a "
+                            f"path nor under the data dir {data_dir(directory)})")
         return p
     root = data_dir(directory)
     for rel in candidates:

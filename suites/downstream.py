@@ -17,6 +17,8 @@ fetch its dataset); lm-eval's own task index is loaded only then.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -164,3 +166,55 @@ def evaluate_downstream(lm, tasks: list[str], data_dir: str | Path, limit: int |
     results = run_lm_eval(lm, tasks, data_dir, limit=limit, num_fewshot=num_fewshot,
                           batch_size=batch_size)
     return extract_scores(results, tasks)
+
+
+def unedited_cache_key(lm, tasks: Sequence[str], data_dir: str | Path, limit: int | None,
+                       num_fewshot: int, batch_size: int) -> dict[str, Any] | None:
+    """What determines the unedited model's downstream scores, or None when they cannot be
+    cached (a built-in lm-eval task, whose data may change, or a model without a hash):
+    model sha256, dtype and device type, the tasks with the sha256 of their data files and
+    of keh's task YAMLs, limit, shots, batch size and the lm-eval version."""
+    if not getattr(lm, "sha256", None) or any(t not in LOCAL_TASKS for t in tasks):
+        return None
+    from importlib.metadata import version
+
+    from harness.models import sha256_file
+
+    yamls = hashlib.sha256()
+    for f in sorted(TASK_DIR.glob("*")):
+        if f.is_file():
+            yamls.update(f.name.encode() + f.read_bytes())
+    return {"model_sha256": lm.sha256, "dtype": str(next(lm.model.parameters()).dtype),
+            "device_type": lm.device.type, "tasks": list(tasks),
+            "data_sha256": {t: sha256_file(Path(data_dir) / LOCAL_TASKS[t]) for t in tasks},
+            "task_files_sha256": yamls.hexdigest(), "limit": limit or None,
+            "num_fewshot": num_fewshot, "batch_size": batch_size,
+            "lm_eval": version("lm_eval")}
+
+
+def evaluate_unedited(lm, tasks: list[str], data_dir: str | Path, cache_dir: Path | None,
+                      limit: int | None = 200, num_fewshot: int = 0, batch_size: int = 8
+                      ) -> tuple[dict[str, dict[str, Any]], Path | None]:
+    """:func:`evaluate_downstream` for the *unedited* model, cached on disk as JSON under
+    ``cache_dir/<sha256 of the key>.json`` (see :func:`unedited_cache_key`): every run of a
+    grid starts from the same model, so its before-editing scores are measured once. Returns
+    the scores and the cache file (None when not cacheable or ``cache_dir`` is None)."""
+    key = unedited_cache_key(lm, tasks, data_dir, limit, num_fewshot, batch_size)
+    if key is None or cache_dir is None:
+        return evaluate_downstream(lm, tasks, data_dir, limit, num_fewshot, batch_size), None
+    path = cache_dir / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+                        + ".json")
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("key") == key:
+                return stored["scores"], path
+        except (OSError, json.JSONDecodeError):
+            pass  # a damaged cache file is measured again and replaced
+    scores = evaluate_downstream(lm, tasks, data_dir, limit, num_fewshot, batch_size)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"key": key, "scores": scores}, fh, indent=1)
+    os.replace(tmp, path)
+    return scores, path

@@ -127,6 +127,8 @@ def test_sequential_run_writes_curve_with_downstream_and_probe(tmp_path, tiny_lm
     assert [c["n_edits_so_far"] for c in curve] == [0, 2, 4]
     assert [c["batch"] for c in curve] == [0, 2, 4]
     assert [c["probe_edited"] for c in curve] == [0, 2, 4]
+    assert curve[0]["downstream_cache"].endswith(".json")  # unedited scores: cached by key
+    assert all("downstream_cache" not in c for c in curve[1:])
     for c in curve:
         assert c["downstream"]["sst2"]["n"] == 4
         assert c["probe_size"] == min(PROBE_SIZE, 4)
@@ -157,3 +159,25 @@ def test_batch_mode_downstream_before_and_after(tmp_path, tiny_lm, shared_data):
     curve = rec_io.read_records(run_dir / CURVE)
     assert [(c["n_edits_so_far"], c["edits_in_model"]) for c in curve] == [(0, 0), (2, 1)]
     assert all("probe" not in c for c in curve)
+
+
+def test_unedited_scores_are_measured_once_per_key(tmp_path, tiny_lm, shared_data):
+    cache = tmp_path / "cache"
+    a, pa = downstream.evaluate_unedited(tiny_lm, ["sst2"], shared_data, cache, limit=4)
+    stored = json.loads(pa.read_text())
+    assert stored["scores"] == a and stored["key"]["limit"] == 4
+    assert stored["key"]["model_sha256"] == tiny_lm.sha256
+    # the second call reads the file: a planted value comes back
+    stored["scores"]["sst2"]["acc"] = 0.123
+    pa.write_text(json.dumps(stored))
+    b, pb = downstream.evaluate_unedited(tiny_lm, ["sst2"], shared_data, cache, limit=4)
+    assert pb == pa and b["sst2"]["acc"] == 0.123
+    # another limit is another key, measured afresh
+    c, pc = downstream.evaluate_unedited(tiny_lm, ["sst2"], shared_data, cache, limit=5)
+    assert pc != pa and c["sst2"]["n"] == 5
+    # a damaged file is measured again
+    pa.write_text("{")
+    d, _ = downstream.evaluate_unedited(tiny_lm, ["sst2"], shared_data, cache, limit=4)
+    assert d == a
+    # built-in lm-eval tasks (data fetched online, may change) are never cached
+    assert downstream.unedited_cache_key(tiny_lm, ["hellaswag"], shared_data, 4, 0, 8) is None

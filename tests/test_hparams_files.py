@@ -39,3 +39,16 @@ def test_unknown_key_and_bad_type_are_named(tmp_path):
     bad.write_text("layers: [4\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_hparams(mod.Hparams, "alphaedit", "x", bad)
+
+
+@pytest.mark.parametrize("model", ["llama3-8b", "meta-llama/Meta-Llama-3-8B-Instruct",
+                                   "random:llama3-8b"])
+def test_published_hparams_follow_the_model_family(model):
+    """A short name, its hub id and the random model of its shape all get the published
+    file; other models get the method's defaults."""
+    for method in ("alphaedit", "metake", "rome"):
+        hp, source = load_hparams(get_method(method).Hparams, method, model)
+        assert source == str(HPARAMS_DIR / method / "llama3-8b.yaml")
+        assert hp.layers == [4, 5, 6, 7, 8]
+    _, source = load_hparams(get_method("alphaedit").Hparams, "alphaedit", "random:llama-tiny")
+    assert source == "dataclass defaults"

@@ -271,3 +271,37 @@ def test_zsre_columns_and_locality(tmp_path):
     t6 = claims.finalise(claims.t6_locality(runs, claims.Settings(n_resamples=100)))
     assert list(t6["test"]) == ["Spe (specificity_accuracy): metake non-inferior to alphaedit"]
     assert t6["verdict"].iloc[0] == "supported" and t6["value"].iloc[0] == pytest.approx(0.1)
+
+
+def test_t7_tests_the_pairs_whose_arms_exist(grid, tmp_path):
+    """With MetaKE-over-MEMIT runs but none over ROME, the AlphaEdit-vs-MEMIT sub-test is run
+    and only the ROME sub-tests are 'not testable'."""
+    extra = [make_run(tmp_path, "metake", seed, rho_shift=0.1, margin_gain=3.0,
+                      hparams={"layers": [1], "solver": "memit"},
+                      run_id=f"counterfact_metake-memit_s{seed}") for seed in (0, 1)]
+    detail = claims.finalise(claims.run_claims(load_runs(grid + extra),
+                                               claims.Settings(n_resamples=200)))
+    t7 = detail[detail["claim"] == "T7"].set_index("test")
+    first = t7.loc["gain(alphaedit) > gain(memit)"]
+    assert first["verdict"] == "not supported"  # MEMIT's gain (3.0) is the larger here
+    assert first["value"] < 0 and np.isfinite(first["p"])
+    for test in ("gain(memit) > gain(rome)", "gain(rome) ~ 0 (negative control)"):
+        assert t7.loc[test, "verdict"] == "not testable: missing runs rome, metake-rome"
+
+
+def test_t3_degenerate_kernel_energy_is_not_testable(tmp_path):
+    """Kernel energy 0 for MetaKE and its open-loop target alike (ker S trivial) says nothing
+    about the claim: the sub-test is 'not testable', not a McNemar test of two zero columns."""
+    d = make_run(tmp_path, "metake", hparams={"layers": [1], "solver": "alphaedit"})
+    recs = [json.loads(line) for line in (d / "records.jsonl").read_text().splitlines()]
+    for i, r in enumerate(recs):
+        r["diagnostics"].update({"kernel_energy": 0.0, "kernel_energy_open_loop": 0.0,
+                                 "alignment": 0.9 + 0.001 * i, "alignment_open_loop": 0.9})
+    (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rows = claims.t3_alignment(load_runs([d]), claims.Settings(n_resamples=200))
+    by_test = {r["test"]: r for r in rows}
+    ke = by_test["kernel_energy: metake vs open-loop target"]["verdict"]
+    assert ke.startswith("not testable: kernel_energy equals kernel_energy_open_loop")
+    assert "ker S is trivial" in ke
+    al = by_test["alignment: metake vs open-loop target"]
+    assert al["verdict"] is None and al["direction_ok"] is True  # finalise() decides

@@ -1,0 +1,97 @@
+"""``python -m harness.benchmark``: grids, --jobs workers, filters, skipping complete runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from harness.benchmark import load_grid, main
+
+
+def write_grid(tmp_path: Path) -> Path:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "models": ["random:llama-tiny"], "methods": ["noop"], "suites": ["counterfact"],
+        "data": "counterfact/counterfact-val.json",  # relative to the data dir
+        "seeds": [0, 1], "n_edits": 2, "batch_size": 2, "sequential": True,
+        "out_dir": str(tmp_path / "runs"), "report_dir": str(tmp_path / "report"),
+        "device": "cpu"}))
+    return grid
+
+
+def manifests(tmp_path: Path) -> dict[int, dict]:
+    out = {}
+    for m in (tmp_path / "runs").glob("*/manifest.json"):
+        d = json.loads(m.read_text())
+        out[d["seed"]] = d
+    return out
+
+
+def test_jobs_run_every_config_in_workers_then_reruns_skip(tmp_path, shared_data, monkeypatch,
+                                                           capsys):
+    monkeypatch.setenv("KEH_DATA_DIR", str(shared_data))
+    grid = write_grid(tmp_path)
+    assert main(["--grid", str(grid), "--jobs", "2", "--no-report"]) == 0
+    ms = manifests(tmp_path)
+    assert sorted(ms) == [0, 1]
+    for m in ms.values():
+        assert m["status"] == "complete"
+        assert m["device"]["concurrent_jobs"] == 2  # timings shared the device
+        assert m["data"]["path"].endswith("counterfact/counterfact-val.json")
+    ids = {s: m["data"]["case_ids"] for s, m in ms.items()}
+    val = json.loads((shared_data / "counterfact" / "counterfact-val.json").read_text())
+    assert ids[0] == ids[1] == [str(r["case_id"]) for r in val[:2]]
+    capsys.readouterr()
+    # a second pass finds both runs complete and only builds the report
+    assert main(["--grid", str(grid)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skip (complete)") == 2 and (tmp_path / "report" / "index.md").exists()
+
+
+def test_filters_and_unknown_method(tmp_path, shared_data, monkeypatch, capsys):
+    monkeypatch.setenv("KEH_DATA_DIR", str(shared_data))
+    grid = write_grid(tmp_path)
+    assert main(["--grid", str(grid), "--seeds", "1", "--no-report"]) == 0
+    assert sorted(manifests(tmp_path)) == [1]
+    assert main(["--grid", str(grid), "--methods", "rome", "--no-report"]) == 2
+    assert "--methods: ['rome'] not in grid" in capsys.readouterr().err
+
+
+def test_shipped_grids_load():
+    for name in ("default", "smollm2-100", "smollm2-sweep", "paper"):
+        configs = [c for g in load_grid(name) for c in g.configs()]
+        assert configs, name
+        for c in configs:
+            c.validate()
+    sweep = [c for g in load_grid("smollm2-sweep") for c in g.configs()]
+    assert len({c.default_run_id() for c in sweep}) == len(sweep)  # overrides tell them apart
+
+
+def test_complete_run_with_other_hparams_is_set_aside_and_rerun(tmp_path, shared_data,
+                                                                 monkeypatch, capsys):
+    """A changed hparams YAML keeps the config hash; the benchmark must notice from the
+    manifest, keep the old run under another name and run again, not skip it."""
+    monkeypatch.setenv("KEH_DATA_DIR", str(shared_data))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "models": ["random:llama-tiny"], "methods": ["ft"], "suites": ["counterfact"],
+        "n_edits": 2, "batch_size": 2, "out_dir": str(tmp_path / "runs"), "device": "cpu",
+        "hparams_overrides": {"ft": {"layers": [1], "steps": 2}}}))
+    assert main(["--grid", str(grid), "--no-report"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["hparams"]["layers"] == [1]
+    manifest["hparams"]["layers"] = [2]  # as if the YAML had said layer 2 back then
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["--grid", str(grid), "--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert "complete but stale: hparams (layers: [2] -> [1])" in out
+    assert json.loads((run_dir / "manifest.json").read_text())["hparams"]["layers"] == [1]
+    kept = run_dir.with_name(run_dir.name + ".stale-1")
+    assert json.loads((kept / "manifest.json").read_text())["hparams"]["layers"] == [2]
+    capsys.readouterr()
+    assert main(["--grid", str(grid), "--no-report"]) == 0  # now up to date: skipped
+    assert "skip (complete)" in capsys.readouterr().out

@@ -51,9 +51,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def benchmark(session: nox.Session) -> None:
-    """Run the benchmark grid (``-- --grid NAME`` picks another) and build the report."""
+    """Run the default grid in two processes (sized for a 2-core CPU) and build the report;
+    arguments after ``--`` replace that (e.g. ``-- --grid smollm2-100 --jobs 4``)."""
     _install(session)
-    session.run("python", "-m", "harness.benchmark", *session.posargs, env=_env())
+    args = session.posargs or ["--grid", "default", "--jobs", "2"]
+    session.run("python", "-m", "harness.benchmark", *args, env=_env())
 
 
 @nox.session

@@ -197,23 +197,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def warm_caches(configs: list[RunConfig]) -> None:
-    """Fill the on-disk caches every locate-then-edit run of ``configs`` reads, once: the key
-    statistics of the union of their layers in one pass over the corpus per model (instead of
-    one pass per run, or concurrent passes by parallel workers), then the null-space
-    projectors. The runs then load them; numbers do not change."""
-    from harness.models import load_model
+    """Fill the on-disk caches the runs of ``configs`` read, once: the key statistics of the
+    union of the locate-then-edit runs' layers in one pass over the corpus per model (instead
+    of one pass per run, or concurrent passes by parallel workers), the null-space projectors,
+    and the unedited model's downstream scores. The runs then load them; numbers do not
+    change."""
+    from harness.models import cache_dir, load_model
     from methods import get_method
     from methods.base import load_hparams
     from methods.locate import LocateHparams, layer_statistics, projectors
+    from suites import downstream
+    from suites.data import data_dir
 
     by_model: dict[tuple[str, str, str, int], list[Any]] = {}
+    evals: dict[tuple[str, str, str, int], set[tuple[Any, ...]]] = {}
     for cfg in configs:
+        key = (cfg.model, cfg.device, cfg.dtype, cfg.seed)
         hp, _ = load_hparams(get_method(cfg.method).Hparams, cfg.method, cfg.model, cfg.hparams,
                              cfg.hparams_overrides)
+        by_model.setdefault(key, [])
         if isinstance(hp, LocateHparams):
-            by_model.setdefault((cfg.model, cfg.device, cfg.dtype, cfg.seed), []).append(hp)
-    for (model, device, dtype, seed), hps in by_model.items():
+            by_model[key].append(hp)
+        if cfg.downstream:
+            evals.setdefault(key, set()).add((tuple(cfg.downstream), cfg.data_dir,
+                                              cfg.downstream_limit, cfg.downstream_fewshot,
+                                              cfg.eval_batch_size))
+    for key, hps in by_model.items():
+        if not hps and key not in evals:
+            continue
+        model, device, dtype, seed = key
         lm = load_model(model, device, dtype, seed=seed)  # random:<shape> weights follow the seed
+        for tasks, ddir, limit, shots, bs in sorted(evals.get(key, ()), key=str):
+            # the unedited model's downstream scores, which every such run starts with
+            downstream.evaluate_unedited(lm, list(tasks), data_dir(ddir),
+                                         cache_dir() / "downstream", limit=limit or None,
+                                         num_fewshot=shots, batch_size=bs)
         union: dict[tuple[Any, ...], tuple[Any, set[int]]] = {}
         for hp in hps:
             key = (hp.stats_corpus, hp.stats_tokens, hp.stats_seq_len)

@@ -54,6 +54,7 @@ class ModelSpec:
     embed: str
     n_layers_attr: str = "num_hidden_layers"
     conv1d: bool = False
+    position_embed: str | None = None  # learned position embeddings added to inputs_embeds
 
     def layer(self, i: int) -> str:
         return self.layer_template.format(i)
@@ -94,6 +95,7 @@ ARCHITECTURES: dict[str, ModelSpec] = {
         unembed="lm_head",
         embed="transformer.wte",
         conv1d=True,
+        position_embed="transformer.wpe",
     ),
     "gptj": ModelSpec(
         model_type="gptj",

@@ -115,6 +115,8 @@ def keys_and_states(lm: LoadedModel, sites: Sequence[Site], key_layers: Sequence
     ids, mask = _right_pad(lm.tokenizer, [s.text for s in sites], lm.device)
     rows = torch.arange(len(sites), device=lm.device)
     cols = torch.tensor([s.position for s in sites], device=lm.device)
+    width = int(cols.max()) + 1  # tokens after every site cannot change it (causal): cut them
+    ids, mask = ids[:, :width], mask[:, :width]
     key_names = {layer: lm.spec.rewrite(layer) for layer in key_layers}
     state_names = {layer: lm.spec.layer(layer) for layer in state_layers}
     deepest = max([*key_layers, *state_layers])

@@ -132,6 +132,8 @@ def refine(lm: LoadedModel, requests: Sequence[EditRequest], hp: Hparams, Z0: to
     Z0, V0: (d_model, n). Returns V* (d_model, n) and per-edit diagnostics.
     """
     layer = hp.proxy_layer if hp.proxy_layer is not None else hp.layers[-1]
+    if problem.start is not None and problem.start["layer"] > layer:
+        problem.skip_lower_layers(layer)  # the proxy's hook must run: start at or below it
     K, _ = averaged_keys(lm, requests, templates, [layer])
     A = proxy_A(lm, hp, layer, K[layer], P, state)  # (n, d_in) float64, held fixed
     S = A @ K[layer].double()  # (n, n): the solver's realisation on the edit keys

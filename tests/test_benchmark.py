@@ -13,36 +13,46 @@ from harness.benchmark import load_grid, main
 def write_grid(tmp_path: Path) -> Path:
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({
-        "models": ["random:llama-tiny"], "methods": ["noop"], "suites": ["counterfact"],
+        "models": ["random:llama-tiny"], "methods": ["noop", "ft"], "suites": ["counterfact"],
         "data": "counterfact/counterfact-val.json",  # relative to the data dir
-        "seeds": [0, 1], "n_edits": 2, "batch_size": 2, "sequential": True,
+        "hparams_overrides": {"ft": {"layers": [1], "steps": 2}},
+        "seeds": [0], "n_edits": 2, "batch_size": 2, "sequential": True,
         "out_dir": str(tmp_path / "runs"), "report_dir": str(tmp_path / "report"),
-        "device": "cpu"}))
+        "device": "cpu", "downstream": ["sst2"], "downstream_limit": 3}))
     return grid
 
 
-def manifests(tmp_path: Path) -> dict[int, dict]:
+def manifests(tmp_path: Path) -> dict[str, dict]:
     out = {}
     for m in (tmp_path / "runs").glob("*/manifest.json"):
         d = json.loads(m.read_text())
-        out[d["seed"]] = d
+        out[d["method"]] = d
     return out
 
 
 def test_jobs_run_every_config_in_workers_then_reruns_skip(tmp_path, shared_data, monkeypatch,
                                                            capsys):
     monkeypatch.setenv("KEH_DATA_DIR", str(shared_data))
+    monkeypatch.setenv("KEH_CACHE", str(tmp_path / "cache"))
     grid = write_grid(tmp_path)
     assert main(["--grid", str(grid), "--jobs", "2", "--no-report"]) == 0
     ms = manifests(tmp_path)
-    assert sorted(ms) == [0, 1]
+    assert sorted(ms) == ["ft", "noop"]
     for m in ms.values():
         assert m["status"] == "complete"
         assert m["device"]["concurrent_jobs"] == 2  # timings shared the device
         assert m["data"]["path"].endswith("counterfact/counterfact-val.json")
-    ids = {s: m["data"]["case_ids"] for s, m in ms.items()}
+    # the unedited downstream scores were measured once, by the parent before the workers
+    # started, and read by both runs
+    runs = [tmp_path / "runs" / m["run_id"] for m in ms.values()]
+    cached = [json.loads((d / "curve.jsonl").read_text().splitlines()[0])["downstream_cache"]
+              for d in runs]
+    assert cached[0] == cached[1] and cached[0].startswith(str(tmp_path / "cache"))
+    assert Path(cached[0]).stat().st_mtime <= min((d / "records.jsonl").stat().st_mtime
+                                                  for d in runs)
+    ids = {k: m["data"]["case_ids"] for k, m in ms.items()}
     val = json.loads((shared_data / "counterfact" / "counterfact-val.json").read_text())
-    assert ids[0] == ids[1] == [str(r["case_id"]) for r in val[:2]]
+    assert ids["ft"] == ids["noop"] == [str(r["case_id"]) for r in val[:2]]
     capsys.readouterr()
     # a second pass finds both runs complete and only builds the report
     assert main(["--grid", str(grid)]) == 0
@@ -53,8 +63,9 @@ def test_jobs_run_every_config_in_workers_then_reruns_skip(tmp_path, shared_data
 def test_filters_and_unknown_method(tmp_path, shared_data, monkeypatch, capsys):
     monkeypatch.setenv("KEH_DATA_DIR", str(shared_data))
     grid = write_grid(tmp_path)
-    assert main(["--grid", str(grid), "--seeds", "1", "--no-report"]) == 0
-    assert sorted(manifests(tmp_path)) == [1]
+    assert main(["--grid", str(grid), "--methods", "ft", "--seeds", "0", "--no-report"]) == 0
+    assert sorted(manifests(tmp_path)) == ["ft"]
+    assert main(["--grid", str(grid), "--seeds", "1", "--no-report"]) == 0  # nothing to run
     assert main(["--grid", str(grid), "--methods", "rome", "--no-report"]) == 2
     assert "--methods: ['rome'] not in grid" in capsys.readouterr().err
 

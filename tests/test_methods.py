@@ -109,17 +109,20 @@ def test_alphaedit_state_accumulates_and_protects_earlier_keys(tiny_lm, corpus, 
         _restore(tiny_lm, snap)
 
 
+@pytest.mark.parametrize("buckets", [True, False])
 @pytest.mark.parametrize("model_fixture", ["tiny_lm", "tiny_gpt2"])
-def test_prefix_cache_gives_the_full_forward_losses(request, model_fixture, requests_):
-    """The cached-prefix target step equals the full forward, with and without an edit."""
+def test_prefix_cache_gives_the_full_forward_losses(request, model_fixture, requests_,
+                                                    buckets):
+    """The cached-prefix target step equals the full forward, with and without an edit,
+    with rows run in one padded batch or in buckets of equal suffix length."""
     from methods.targets import TargetProblem, add_at_sites
 
     lm = request.getfixturevalue(model_fixture)
     templates = context_templates(lm, 2, 4)
     full = TargetProblem.build(lm, requests_[:3], templates)
     cached = TargetProblem.build(lm, requests_[:3], templates)
-    cached.enable_prefix_cache()
-    assert cached.prefix is not None
+    cached.enable_prefix_cache(buckets=buckets)
+    assert (len(cached.prefix["chunks"]) > 1) == buckets
     layer = lm.spec.layer(1)
     torch.manual_seed(0)
     delta = torch.randn(3, lm.model.config.hidden_size)
@@ -128,3 +131,41 @@ def test_prefix_cache_gives_the_full_forward_losses(request, model_fixture, requ
         b = cached.losses(add_at_sites(cached, layer, d))
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_lm", "tiny_gpt2"])
+def test_skipping_lower_layers_gives_the_full_forward_losses(request, model_fixture,
+                                                             requests_):
+    """Starting the target step's forward at the edited layer (the suffix's input to it
+    computed once) equals the full forward, with an edit at that layer's output and with a
+    virtual write on its rewrite module (MetaKE's proxy); GPT-2's position embeddings are
+    handled."""
+    from methods.metake import virtual_write
+    from methods.targets import TargetProblem, add_at_sites
+
+    lm = request.getfixturevalue(model_fixture)
+    templates = context_templates(lm, 2, 4)
+    full = TargetProblem.build(lm, requests_[:3], templates)
+    fast = TargetProblem.build(lm, requests_[:3], templates)
+    full.enable_prefix_cache()
+    fast.enable_prefix_cache()
+    assert fast.skip_lower_layers(2) and fast.start["layer"] == 2
+    torch.manual_seed(0)
+    delta = torch.randn(3, lm.model.config.hidden_size)
+    w = lm.rewrite_weight(2)
+    write = 1e-2 * torch.randn_like(w)
+    for make in (lambda pb: add_at_sites(pb, lm.spec.layer(2), delta),
+                 lambda pb: (lambda: virtual_write(lm, 2, write))):
+        a, b = full.losses(make(full)), fast.losses(make(fast))
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    # frozen requests' rows can be left out: the others' losses do not change
+    active = torch.tensor([True, False, True])
+    a = full.losses(add_at_sites(full, lm.spec.layer(2), delta))
+    c = fast.losses(add_at_sites(fast, lm.spec.layer(2), delta), active=active)
+    for x, y in zip(a, c, strict=True):
+        torch.testing.assert_close(x[active], y[active], atol=1e-4, rtol=1e-4)
+        assert float(y[1]) == 0.0
+    # an edit below the start layer would be skipped: the caller must start lower
+    assert fast.skip_lower_layers(1) and fast.start["layer"] == 1
+    assert not fast.skip_lower_layers(0) and fast.start is None

@@ -148,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds:
             seeds = {int(x) for x in args.seeds.split(",")}
             configs = [c for c in configs if c.seed in seeds]
-        pending = [c for c in configs if needs_run(c)]
-        if pending and not args.shard:
-            warm_caches(pending)
+        if not args.shard:  # workers find the caches filled by their parent
+            pending = [c for c in configs if needs_run(c)]
+            if pending:
+                warm_caches(pending)
         if args.jobs > 1:
             _run_jobs(argv if argv is not None else sys.argv[1:], args.jobs)
             args.shard = None
@@ -234,8 +235,8 @@ def warm_caches(configs: list[RunConfig]) -> None:
                                          num_fewshot=shots, batch_size=bs)
         union: dict[tuple[Any, ...], tuple[Any, set[int]]] = {}
         for hp in hps:
-            key = (hp.stats_corpus, hp.stats_tokens, hp.stats_seq_len)
-            union.setdefault(key, (hp, set()))[1].update(hp.layers)
+            corpus = (hp.stats_corpus, hp.stats_tokens, hp.stats_seq_len)
+            union.setdefault(corpus, (hp, set()))[1].update(hp.layers)
         for hp, layers in union.values():
             layer_statistics(lm, hp, sorted(layers))
         for hp in hps:
@@ -247,10 +248,15 @@ def warm_caches(configs: list[RunConfig]) -> None:
 def _run_jobs(argv: list[str], jobs: int) -> None:
     """Run the grid as ``jobs`` shard processes (configs i, i+jobs, ...) and wait for them;
     each gets an equal share of the CPU threads unless ``OMP_NUM_THREADS`` is set."""
-    base = [a for a in argv if not a.startswith("--jobs")]
-    if "--jobs" in argv:  # "--jobs N" as two tokens
-        i = argv.index("--jobs")
-        base = argv[:i] + argv[i + 2:]
+    base: list[str] = []
+    skip_value = False
+    for a in argv:  # the worker's arguments: the parent's without "--jobs N" / "--jobs=N"
+        if skip_value or a.startswith("--jobs="):
+            skip_value = False
+            continue
+        skip_value = a == "--jobs"
+        if not skip_value:
+            base.append(a)
     env = {**os.environ, "KEH_CONCURRENT_JOBS": str(jobs)}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     procs = [subprocess.Popen([sys.executable, "-m", "harness.benchmark", *base, "--no-report",

@@ -211,10 +211,9 @@ def evaluate_unedited(lm, tasks: list[str], data_dir: str | Path, cache_dir: Pat
                 return stored["scores"], path
         except (OSError, json.JSONDecodeError):
             pass  # a damaged cache file is measured again and replaced
+    from harness.records import write_json
+
     scores = evaluate_downstream(lm, tasks, data_dir, limit, num_fewshot, batch_size)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"key": key, "scores": scores}, fh, indent=1)
-    os.replace(tmp, path)
+    write_json(path, {"key": key, "scores": scores})
     return scores, path

@@ -109,13 +109,47 @@ def test_alphaedit_state_accumulates_and_protects_earlier_keys(tiny_lm, corpus, 
         _restore(tiny_lm, snap)
 
 
+def test_group_lengths_minimises_padded_tokens_plus_call_cost():
+    """The dynamic programme equals a brute force over every contiguous split."""
+    import itertools
+
+    from methods.targets import group_lengths
+
+    def cost(lengths, counts, bounds, overhead):
+        total = 0.0
+        for lo, hi in bounds:
+            rows = sum(c for v, c in zip(lengths, counts, strict=True) if lo <= v <= hi)
+            total += rows * hi + overhead
+        return total
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        n = int(torch.randint(1, 7, (1,), generator=gen))
+        lengths = sorted(set(torch.randint(1, 12, (n,), generator=gen).tolist()))
+        counts = torch.randint(1, 30, (len(lengths),), generator=gen).tolist()
+        overhead = float(torch.randint(0, 80, (1,), generator=gen))
+        got = group_lengths(lengths, counts, overhead)
+        assert got[0][0] == lengths[0] and got[-1][1] == lengths[-1]
+        brute = min(
+            cost(lengths, counts, [(lengths[a], lengths[b - 1]) for a, b in
+                                   zip((0, *cuts), (*cuts, len(lengths)), strict=True)], overhead)
+            for k in range(len(lengths))
+            for cuts in itertools.combinations(range(1, len(lengths)), k))
+        assert cost(lengths, counts, got, overhead) == pytest.approx(brute)
+    assert group_lengths([2, 3, 4], [5, 5, 5], 0.0) == [(2, 2), (3, 3), (4, 4)]
+    assert group_lengths([2, 3, 4], [5, 5, 5], 1e9) == [(2, 4)]
+
+
 @pytest.mark.parametrize("buckets", [True, False])
 @pytest.mark.parametrize("model_fixture", ["tiny_lm", "tiny_gpt2"])
 def test_prefix_cache_gives_the_full_forward_losses(request, model_fixture, requests_,
-                                                    buckets):
+                                                    buckets, monkeypatch):
     """The cached-prefix target step equals the full forward, with and without an edit,
     with rows run in one padded batch or in buckets of equal suffix length."""
+    import methods.targets
     from methods.targets import TargetProblem, add_at_sites
+
+    monkeypatch.setattr(methods.targets, "BUCKET_OVERHEAD_TOKENS", 0)  # one bucket per length
 
     lm = request.getfixturevalue(model_fixture)
     templates = context_templates(lm, 2, 4)

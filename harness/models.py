@@ -55,9 +55,22 @@ class ModelSpec:
     n_layers_attr: str = "num_hidden_layers"
     conv1d: bool = False
     position_embed: str | None = None  # learned position embeddings added to inputs_embeds
+    value_template: str | None = None
 
     def layer(self, i: int) -> str:
         return self.layer_template.format(i)
+
+    def value(self, i: int) -> str:
+        """The module whose output at the subject site is the edit's value z at layer ``i``
+        (the target v is optimised there, and rho / z-error are read there).
+
+        Default: the decoder layer's output, i.e. the residual stream, into which the rewrite
+        module's output is added unchanged (Llama, GPT-2, GPT-J), so a write of R there
+        moves the residual by R. Where the MLP output is normalised before it joins the
+        residual (Gemma 2/3's ``post_feedforward_layernorm``) a write does not move the
+        residual by R, so the value is the rewrite module's own output, the quantity the
+        solver realises exactly (ROME's original v: the MLP output at the edited layer)."""
+        return (self.value_template or self.layer_template).format(i)
 
     def rewrite(self, i: int) -> str:
         return self.rewrite_template.format(i)
@@ -66,7 +79,7 @@ class ModelSpec:
         return self.mlp_template.format(i)
 
 
-def _llama_like(model_type: str) -> ModelSpec:
+def _llama_like(model_type: str, post_mlp_norm: bool = False) -> ModelSpec:
     return ModelSpec(
         model_type=model_type,
         layer_template="model.layers.{}",
@@ -75,6 +88,7 @@ def _llama_like(model_type: str) -> ModelSpec:
         final_norm="model.norm",
         unembed="lm_head",
         embed="model.embed_tokens",
+        value_template="model.layers.{}.mlp.down_proj" if post_mlp_norm else None,
     )
 
 
@@ -84,8 +98,8 @@ ARCHITECTURES: dict[str, ModelSpec] = {
     "qwen2": _llama_like("qwen2"),
     "qwen3": _llama_like("qwen3"),
     "gemma": _llama_like("gemma"),
-    "gemma2": _llama_like("gemma2"),
-    "gemma3_text": _llama_like("gemma3_text"),
+    "gemma2": _llama_like("gemma2", post_mlp_norm=True),
+    "gemma3_text": _llama_like("gemma3_text", post_mlp_norm=True),
     "gpt2": ModelSpec(
         model_type="gpt2",
         layer_template="transformer.h.{}",
@@ -279,6 +293,10 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
                                  vocab_size=49152, tie_word_embeddings=True)),
     "gpt2-xl": ("gpt2", dict(n_embd=1600, n_layer=48, n_head=25, vocab_size=50257,
                              n_positions=1024)),
+    "gemma3-tiny": ("gemma3_text", dict(hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=4, num_attention_heads=4,
+                                        num_key_value_heads=1, head_dim=16, vocab_size=49152,
+                                        sliding_window=8, tie_word_embeddings=True)),
     "gpt2-tiny": ("gpt2", dict(n_embd=64, n_layer=3, n_head=4, vocab_size=49152,
                                n_positions=256)),
     "gpt-j-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,

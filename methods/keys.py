@@ -110,15 +110,16 @@ def _right_pad(tok, texts: Sequence[str], device: torch.device
 def keys_and_states(lm: LoadedModel, sites: Sequence[Site], key_layers: Sequence[int] = (),
                     state_layers: Sequence[int] = ()
                     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """One forward over ``sites``: keys (n_sites, d_in) at each of ``key_layers`` and layer
-    outputs (n_sites, d_model) at each of ``state_layers``, in float32."""
+    """One forward over ``sites``: keys (n_sites, d_in) at each of ``key_layers`` and values
+    (n_sites, d_model; ``lm.spec.value``: layer outputs, or the rewrite module's output where
+    a norm follows it) at each of ``state_layers``, in float32."""
     ids, mask = _right_pad(lm.tokenizer, [s.text for s in sites], lm.device)
     rows = torch.arange(len(sites), device=lm.device)
     cols = torch.tensor([s.position for s in sites], device=lm.device)
     width = int(cols.max()) + 1  # tokens after every site cannot change it (causal): cut them
     ids, mask = ids[:, :width], mask[:, :width]
     key_names = {layer: lm.spec.rewrite(layer) for layer in key_layers}
-    state_names = {layer: lm.spec.layer(layer) for layer in state_layers}
+    state_names = {layer: lm.spec.value(layer) for layer in state_layers}
     deepest = max([*key_layers, *state_layers])
     with capture_inputs(lm.model, key_names.values(), clone=False) as ins, \
             capture_outputs(lm.model, state_names.values(), clone=False) as outs:

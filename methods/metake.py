@@ -142,7 +142,7 @@ def refine(lm: LoadedModel, requests: Sequence[EditRequest], hp: Hparams, Z0: to
     V = V0.clone().requires_grad_(True)
     opt = torch.optim.Adam([V], lr=hp.outer_lr)
     A32 = A.float()
-    last_layer_name = lm.spec.layer(hp.layers[-1])
+    last_layer_name = lm.spec.value(hp.layers[-1])
     grad0 = torch.zeros_like(V0)
     nll_first = nll_last = torch.full((len(requests),), float("nan"))
 

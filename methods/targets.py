@@ -404,10 +404,11 @@ def add_at_sites(problem: TargetProblem, layer_name: str, delta: torch.Tensor
 
 @torch.inference_mode()
 def site_states(lm: LoadedModel, problem: TargetProblem, layer: int) -> torch.Tensor:
-    """(d_model, n) unedited output of decoder ``layer`` at each request's plain-prompt site."""
+    """(d_model, n) unedited value (``lm.spec.value(layer)``: the decoder layer's output, or the
+    rewrite module's where a norm follows it) at each request's plain-prompt site."""
     from harness.nethook import capture_outputs, stop_after
 
-    name = lm.spec.layer(layer)
+    name = lm.spec.value(layer)
     rows = problem.plain_rows
     with capture_outputs(lm.model, [name], clone=False) as outs, stop_after(lm.model, name):
         lm.model.base_model(input_ids=problem.input_ids[rows],
@@ -436,7 +437,7 @@ def compute_targets(lm: LoadedModel, requests: Sequence[EditRequest], layer: int
     max_norm = hp.clamp_norm_factor * z0.norm(dim=0)
     z0_sq = z0.norm(dim=0) ** 2
     frozen = torch.zeros(n, dtype=torch.bool, device=lm.device)
-    hooks = add_at_sites(problem, lm.spec.layer(layer), delta)
+    hooks = add_at_sites(problem, lm.spec.value(layer), delta)
     first_nll = torch.full((n,), float("nan"))
     last_nll = first_nll.clone()
     steps = torch.zeros(n, dtype=torch.long)

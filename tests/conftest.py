@@ -52,6 +52,14 @@ def tiny_gpt2():
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3():
+    """A randomly initialised 4-layer Gemma 3 (a norm after the MLP, sliding-window layers)."""
+    from harness.models import load_model
+
+    return load_model("random:gemma3-tiny", device="cpu", dtype="float32", seed=0)
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (float32, CPU). Tests must restore any weight they edit."""
     from harness.models import load_model

@@ -72,8 +72,11 @@ def test_method_edits_and_reports_diagnostics(tiny_lm, corpus, requests_, name, 
         _restore(tiny_lm, snap)
 
 
-def test_rome_realises_its_target_at_the_key(tiny_lm, corpus, requests_):
-    """ROME's write is exact at the (context-averaged) key: W' k - W k = v - z_cur."""
+@pytest.mark.parametrize("model_fixture", ["tiny_lm", "tiny_gemma3"])
+def test_rome_realises_its_target_at_the_key(request, model_fixture, corpus, requests_):
+    """ROME's write is exact at the (context-averaged) key: W' k - W k = v - z_cur, also
+    where a norm follows the MLP (Gemma 3: the value is the MLP output, not the residual)."""
+    tiny_lm = request.getfixturevalue(model_fixture)
     mod = get_method("rome")
     hp = hparams_from_dict(mod.Hparams, {**SMALL, "layers": [2], "stats_corpus": corpus,
                                          "n_context": 0})
@@ -141,7 +144,7 @@ def test_group_lengths_minimises_padded_tokens_plus_call_cost():
 
 
 @pytest.mark.parametrize("buckets", [True, False])
-@pytest.mark.parametrize("model_fixture", ["tiny_lm", "tiny_gpt2"])
+@pytest.mark.parametrize("model_fixture", ["tiny_lm", "tiny_gpt2", "tiny_gemma3"])
 def test_prefix_cache_gives_the_full_forward_losses(request, model_fixture, requests_,
                                                     buckets, monkeypatch):
     """The cached-prefix target step equals the full forward, with and without an edit,
@@ -167,7 +170,7 @@ def test_prefix_cache_gives_the_full_forward_losses(request, model_fixture, requ
             torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_fixture", ["tiny_lm", "tiny_gpt2"])
+@pytest.mark.parametrize("model_fixture", ["tiny_lm", "tiny_gpt2", "tiny_gemma3"])
 def test_skipping_lower_layers_gives_the_full_forward_losses(request, model_fixture,
                                                              requests_):
     """Starting the target step's forward at the edited layer (the suffix's input to it

@@ -55,7 +55,7 @@ class ModelSpec:
     n_layers_attr: str = "num_hidden_layers"
     conv1d: bool = False
     position_embed: str | None = None  # learned position embeddings added to inputs_embeds
-    value_template: str | None = None
+    post_mlp_norm: bool = False  # a norm between the rewrite module and the residual (Gemma 2/3)
 
     def layer(self, i: int) -> str:
         return self.layer_template.format(i)
@@ -70,7 +70,7 @@ class ModelSpec:
         residual (Gemma 2/3's ``post_feedforward_layernorm``) a write does not move the
         residual by R, so the value is the rewrite module's own output, the quantity the
         solver realises exactly (ROME's original v: the MLP output at the edited layer)."""
-        return (self.value_template or self.layer_template).format(i)
+        return self.rewrite(i) if self.post_mlp_norm else self.layer(i)
 
     def rewrite(self, i: int) -> str:
         return self.rewrite_template.format(i)
@@ -88,7 +88,7 @@ def _llama_like(model_type: str, post_mlp_norm: bool = False) -> ModelSpec:
         final_norm="model.norm",
         unembed="lm_head",
         embed="model.embed_tokens",
-        value_template="model.layers.{}.mlp.down_proj" if post_mlp_norm else None,
+        post_mlp_norm=post_mlp_norm,
     )
 
 

@@ -48,6 +48,7 @@ class Grid:
     device: str = "auto"
     dtype: str = "float32"
     hparams_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    preset: str = "faithful"
 
     def configs(self) -> list[RunConfig]:
         out = []
@@ -60,7 +61,8 @@ class Grid:
                 eval_every=self.eval_every, downstream=list(self.downstream),
                 downstream_limit=self.downstream_limit, out_dir=self.out_dir,
                 device=self.device, dtype=self.dtype,
-                hparams_overrides=dict(self.hparams_overrides.get(method, {}))))
+                hparams_overrides=dict(self.hparams_overrides.get(method, {})),
+                preset=self.preset))
         return out
 
 
@@ -215,7 +217,7 @@ def warm_caches(configs: list[RunConfig]) -> None:
     for cfg in configs:
         key = (cfg.model, cfg.device, cfg.dtype, cfg.seed)
         hp, _ = load_hparams(get_method(cfg.method).Hparams, cfg.method, cfg.model, cfg.hparams,
-                             cfg.hparams_overrides)
+                             cfg.hparams_overrides, preset=cfg.preset)
         by_model.setdefault(key, [])
         if isinstance(hp, LocateHparams):
             by_model[key].append(hp)
@@ -235,7 +237,8 @@ def warm_caches(configs: list[RunConfig]) -> None:
                                          num_fewshot=shots, batch_size=bs)
         union: dict[tuple[Any, ...], tuple[Any, set[int]]] = {}
         for hp in hps:
-            corpus = (hp.stats_corpus, hp.stats_tokens, hp.stats_seq_len)
+            corpus = (hp.stats_corpus, hp.stats_tokens, hp.stats_seq_len,
+                      getattr(hp, "stats_sampling", "tokens"), getattr(hp, "stats_records", 0))
             union.setdefault(corpus, (hp, set()))[1].update(hp.layers)
         for hp, layers in union.values():
             layer_statistics(lm, hp, sorted(layers))

@@ -20,9 +20,11 @@ batch that was not marked complete are dropped, so a batch's records are all-or-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from harness.errors import UserError
 CHECKPOINT_DIR = "checkpoint"
 PROGRESS = "progress.json"
 FORMAT = 1
+TENSOR_NAME = re.compile(r"tensors-[0-9]{6}\.safetensors")
 
 
 @dataclass
@@ -46,7 +49,10 @@ class Progress:
     (batch mode: evaluated and recorded too). ``final_evaluated``: sequential mode, cases of
     the final evaluation written (None before that phase starts). ``pending``: sequential mode,
     per-case entries ``{index, batch, diagnostics}`` or ``{index, batch, error}`` awaiting the
-    final evaluation. ``rng``: Python and NumPy generator states (torch's is in the tensors)."""
+    final evaluation. ``rng``: Python and NumPy generator states (torch's is in the tensors).
+    ``records_sha256`` / ``curve_sha256``: SHA-256 of the first ``records_lines`` /
+    ``curve_lines`` lines of records.jsonl / curve.jsonl, checked before a resume trusts them
+    (None in checkpoints written before they existed)."""
 
     batches_done: int = 0
     final_evaluated: int | None = None
@@ -58,6 +64,8 @@ class Progress:
     tensors: str | None = None
     serial: int = 0
     format: int = FORMAT
+    records_sha256: str | None = None
+    curve_sha256: str | None = None
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -126,6 +134,9 @@ def save(run_dir: Path, progress: Progress, tensors: dict[str, torch.Tensor] | N
     progress then points to it). Without, the progress keeps its current tensor file."""
     d = checkpoint_dir(run_dir)
     d.mkdir(exist_ok=True)
+    progress.records_sha256 = lines_sha256(Path(run_dir) / rec_io.RECORDS,
+                                           progress.records_lines)
+    progress.curve_sha256 = lines_sha256(Path(run_dir) / rec_io.CURVE, progress.curve_lines)
     if tensors is not None:
         progress.serial += 1
         name = f"tensors-{progress.serial:06d}.safetensors"
@@ -147,6 +158,7 @@ def load(run_dir: Path) -> tuple[Progress, dict[str, torch.Tensor]] | None:
     path = d / PROGRESS
     if not path.exists():
         return None
+    inside(run_dir, path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         progress = Progress(**data)
@@ -158,7 +170,12 @@ def load(run_dir: Path) -> tuple[Progress, dict[str, torch.Tensor]] | None:
                         f"{FORMAT}")
     tensors: dict[str, torch.Tensor] = {}
     if progress.tensors is not None:
+        if not isinstance(progress.tensors, str) or not TENSOR_NAME.fullmatch(progress.tensors):
+            raise UserError(f"{path}: tensor file {progress.tensors!r} is not a checkpoint "
+                            f"file name (tensors-NNNNNN.safetensors); the run directory was "
+                            f"modified and cannot be resumed")
         tpath = d / progress.tensors
+        inside(run_dir, tpath)
         try:
             tensors = load_file(str(tpath))
         except (OSError, SafetensorError) as exc:
@@ -167,16 +184,42 @@ def load(run_dir: Path) -> tuple[Progress, dict[str, torch.Tensor]] | None:
     return progress, tensors
 
 
-def truncate_lines(path: Path, n_lines: int) -> None:
-    """Keep the first ``n_lines`` complete lines of ``path`` (atomic rewrite if it had more,
-    including a partial last line); refuse if it has fewer."""
-    raw = path.read_bytes() if path.exists() else b""
+def inside(run_dir: Path, path: Path) -> Path:
+    """``path`` resolved, refused (one line) unless it lies inside ``run_dir``: a run directory
+    is only ever read inside itself (no symlink or ``..`` out of it)."""
+    root = Path(run_dir).resolve()
+    resolved = Path(path).resolve()
+    if resolved != root and not resolved.is_relative_to(root):
+        raise UserError(f"{path} points outside the run directory {run_dir} (to {resolved}); "
+                        f"the run directory was modified and cannot be resumed")
+    return resolved
+
+
+def _prefix_end(raw: bytes, n_lines: int) -> int | None:
+    """Byte offset after the first ``n_lines`` lines of ``raw``, None if it has fewer."""
     end = 0
     for _ in range(n_lines):
         nl = raw.find(b"\n", end)
         if nl < 0:
-            raise UserError(f"{path} holds fewer lines than its checkpoint says ({n_lines}); "
-                            f"the run directory was modified and cannot be resumed")
+            return None
         end = nl + 1
+    return end
+
+
+def lines_sha256(path: Path, n_lines: int) -> str | None:
+    """SHA-256 of the first ``n_lines`` lines of ``path`` (None if it has fewer)."""
+    raw = path.read_bytes() if path.exists() else b""
+    end = _prefix_end(raw, n_lines)
+    return None if end is None else hashlib.sha256(raw[:end]).hexdigest()
+
+
+def truncate_lines(path: Path, n_lines: int) -> None:
+    """Keep the first ``n_lines`` complete lines of ``path`` (atomic rewrite if it had more,
+    including a partial last line); refuse if it has fewer."""
+    raw = path.read_bytes() if path.exists() else b""
+    end = _prefix_end(raw, n_lines)
+    if end is None:
+        raise UserError(f"{path} holds fewer lines than its checkpoint says ({n_lines}); "
+                        f"the run directory was modified and cannot be resumed")
     if end != len(raw):
         rec_io.atomic_write_text(path, raw[:end].decode("utf-8"))

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from harness.config import RunConfig
+from harness.config import FLUENCY_DECODINGS, ZSRE_TARGETS, RunConfig
 from harness.errors import UserError
 
 
@@ -68,7 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hparams", default=None, help="hparams YAML (default: per method/model)")
     r.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                    metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
+    r.add_argument("--preset", choices=("faithful", "tuned"), default=d.preset,
+                   help="hparams preset when --hparams is not given: faithful (the published "
+                        "code's behaviour, default) or tuned (<model>-tuned.yaml)")
     r.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    r.add_argument("--zsre-target", choices=ZSRE_TARGETS, default=d.zsre_target,
+                   help="zsRE target_new: answers0 (ROME/MEMIT/AlphaEdit code, default) or alt "
+                        "(EasyEdit)")
+    r.add_argument("--fluency-decoding", choices=FLUENCY_DECODINGS, default=d.fluency_decoding,
+                   help="generation for fluency/consistency: sample_top5_100 (the original's "
+                        "top-5 sampling to 100 tokens in total, default) or greedy "
+                        "(--generation-tokens new tokens)")
     r.add_argument("--downstream", type=_task_list, default=[], metavar="TASK[,TASK...]",
                    help="lm-eval tasks evaluated before the first and after the last edit "
                         "(offline: sst2,mrpc,cola,rte,nli,mmlu) and every --eval-every batches")
@@ -112,7 +122,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         start=args.start, batch_size=args.batch_size, sequential=args.sequential,
         eval_every=args.eval_every, seed=args.seed, device=args.device, dtype=args.dtype,
         data_dir=args.data_dir, data=args.data, out_dir=args.out, run_id=args.run_id,
-        hparams=args.hparams, hparams_overrides=dict(args.overrides),
+        hparams=args.hparams, hparams_overrides=dict(args.overrides), preset=args.preset,
+        zsre_target=args.zsre_target, fluency_decoding=args.fluency_decoding,
         eval_batch_size=args.eval_batch_size, trust_remote_code=args.trust_remote_code,
         downstream=list(args.downstream), downstream_limit=args.downstream_limit,
         downstream_fewshot=args.downstream_fewshot, generation_tokens=args.generation_tokens,
@@ -149,6 +160,11 @@ def _cmd_list() -> None:
                       "models": known_models()}, indent=2))
 
 
+def one_line(message: str) -> str:
+    """A message on one line (a multi-line library message joined with spaces)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -170,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                                  n_resamples=args.n_resamples, seed=args.seed)
             print(f"report: {index}")
     except UserError as exc:
-        print(f"keh: error: {exc}", file=sys.stderr)
+        print(f"keh: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("keh: interrupted", file=sys.stderr)

@@ -11,6 +11,11 @@ from typing import Any
 
 from harness.errors import UserError
 
+#: allowed values of RunConfig.zsre_target / fluency_decoding (first: default; the suites
+#: define them: suites.zsre.TARGETS, suites.fluency.DECODINGS)
+ZSRE_TARGETS = ("answers0", "alt")
+FLUENCY_DECODINGS = ("sample_top5_100", "greedy")
+
 
 @dataclass
 class RunConfig:
@@ -26,7 +31,13 @@ class RunConfig:
     ``generation_tokens``: greedy tokens generated per prompt for the fluency/consistency metrics
     of suites that have them (0: off). ``stop_on_error``: stop the run when a method fails on
     a batch (numerical error, non-finite diagnostics) instead of recording that batch's cases
-    as failed and going on.
+    as failed and going on. ``preset``: which hparams file a method gets when ``hparams`` is
+    not given: ``faithful`` (the published code's behaviour) or ``tuned`` (this harness's
+    improved settings, ``<model>-tuned.yaml``; methods/hparams/README.md).
+    ``zsre_target``: zsRE's ``target_new``, ``answers0`` (the ROME/MEMIT/AlphaEdit code and
+    tables) or ``alt`` (EasyEdit). ``fluency_decoding``: ``sample_top5_100`` (the original's
+    top-5 sampling to 100 tokens in total, seeded per case) or ``greedy``
+    (``generation_tokens`` new tokens); :mod:`suites.fluency`.
     """
 
     model: str = "smollm2-135m"
@@ -44,6 +55,9 @@ class RunConfig:
     out_dir: str = "runs"
     hparams: str | None = None
     hparams_overrides: dict[str, Any] = field(default_factory=dict)
+    preset: str = "faithful"
+    zsre_target: str = "answers0"
+    fluency_decoding: str = "sample_top5_100"
     eval_batch_size: int = 32
     start: int = 0
     run_id: str | None = None
@@ -76,6 +90,14 @@ class RunConfig:
             raise UserError(f"--downstream-limit must be >= 0 (got {self.downstream_limit})")
         if self.downstream_fewshot < 0:
             raise UserError(f"--downstream-fewshot must be >= 0 (got {self.downstream_fewshot})")
+        if self.zsre_target not in ZSRE_TARGETS:
+            raise UserError(f"--zsre-target must be one of {', '.join(ZSRE_TARGETS)} "
+                            f"(got {self.zsre_target!r})")
+        if self.fluency_decoding not in FLUENCY_DECODINGS:
+            raise UserError(f"--fluency-decoding must be one of {', '.join(FLUENCY_DECODINGS)} "
+                            f"(got {self.fluency_decoding!r})")
+        if self.preset not in ("faithful", "tuned"):
+            raise UserError(f"--preset must be one of faithful, tuned (got {self.preset!r})")
         if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.run_id):
             raise UserError(f"--run-id {self.run_id!r} may only hold letters, digits, . _ -")
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from harness.cachefiles import atomic_write_text, is_sha256
 from harness.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -223,16 +224,28 @@ def _gemma3_gguf() -> Path:
 BUILTIN_GGUF = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
 
 
+def _read_memo(memo: Path) -> str | None:
+    """The digest in a hash memo, or None if it is absent, empty or malformed (a disk-full
+    can leave an empty file; anything but 64 lowercase hex digits is ignored)."""
+    try:
+        text = memo.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if is_sha256(text) else None
+
+
 def _hash_marker(path: Path) -> str:
-    """SHA-256 of a file, memoised beside the cache by (path, size, mtime)."""
+    """SHA-256 of a file, memoised beside the cache by (path, size, mtime); the memo is
+    written atomically and a damaged one is recomputed."""
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
     memo = cache_dir() / "hashes" / f"{key}.txt"
-    if memo.exists():
-        return memo.read_text().strip()
+    digest = _read_memo(memo)
+    if digest is not None:
+        return digest
     digest = sha256_file(path)
     memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest)
+    atomic_write_text(memo, digest)
     return digest
 
 
@@ -246,8 +259,14 @@ def _from_pretrained(path: str | Path, dtype: torch.dtype, **kwargs: Any) -> Any
 
 
 def _convert_gguf(gguf: Path, digest: str) -> Path:
-    """Dequantise a GGUF once into ``cache/models/<digest>`` (safetensors + tokenizer)."""
-    out = cache_dir() / "models" / digest
+    """Dequantise a GGUF once into ``cache/models/<digest>`` (safetensors + tokenizer).
+    Only that one directory (and this process's temporary sibling) is ever removed."""
+    if not is_sha256(digest):  # never let an empty digest turn models/ itself into `out`
+        raise ValueError(f"_convert_gguf: {digest!r} is not a SHA-256 digest")
+    models = cache_dir() / "models"
+    out = models / digest
+    if out.parent != models or out.name != digest:  # pragma: no cover - guarded above
+        raise ValueError(f"_convert_gguf: refusing to rebuild {out}")
     if (out / "config.json").exists() and (out / ".complete").exists():
         return out
     from transformers import AutoTokenizer
@@ -330,10 +349,34 @@ def _random_model(shape: str, seed: int, dtype: torch.dtype, device: torch.devic
 # ---------------------------------------------------------------------------------------------
 
 
+DEVICES = "auto, cpu, cuda, cuda:<index>, mps"
+
+
 def resolve_device(device: str) -> torch.device:
+    """``device`` as a torch device, checked against this machine (one-line
+    :class:`UserError` for an unknown name or a backend that is not available)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"--device {device!r}: unknown device; use one of {DEVICES}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine "
+                            f"(torch {torch.__version__}); use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"--device {device}: this machine has {count} CUDA device(s), "
+                            f"cuda:0..cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {device}: MPS is not available on this machine; use "
+                            f"--device cpu or auto")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device}: unsupported device type {dev.type!r}; use one of "
+                        f"{DEVICES}")
+    return dev
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -410,8 +453,43 @@ def load_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     spec = spec_for(model)
+    if not digest:  # the manifest must never record an empty model hash
+        raise RuntimeError(f"model {name!r} was loaded without a content hash")
     return LoadedModel(model=model, tokenizer=tok, spec=spec, name=name, sha256=digest,
                        source=source, info=info)
+
+
+def context_length(config: Any) -> int | None:
+    """The longest input (tokens) a model of this HF config takes, if the config says."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def peek_config(name: str, trust_remote_code: bool = False) -> Any | None:
+    """The HF config of model ``name`` when it can be had without loading (or converting)
+    weights or using the network: random shapes, local directories, built-in models already
+    converted; None otherwise."""
+    from transformers import AutoConfig
+
+    try:
+        if name.startswith("random:"):
+            shape = name.split(":", 1)[1]
+            if shape not in RANDOM_SHAPES:
+                return None
+            kind, kwargs = RANDOM_SHAPES[shape]
+            return AutoConfig.for_model(kind, **kwargs)
+        if name == "smollm2-135m":
+            path: Path = cache_dir() / "models" / _hash_marker(_smollm2_gguf())
+        else:
+            path = Path(name).expanduser()
+        if (path / "config.json").is_file():
+            return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, UserError):
+        return None
+    return None
 
 
 #: short name -> the Hugging Face id of the model the ROME/MEMIT/AlphaEdit papers edited

@@ -17,6 +17,7 @@ import torch
 
 MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
+CURVE = "curve.jsonl"
 
 
 def _clean(value: Any) -> Any:

@@ -8,13 +8,26 @@ module. Over ``N`` corpus tokens with keys stacked as rows of ``K`` (``(N, d_in)
 
 the uncentred second moment that ROME/MEMIT/AlphaEdit use as the "preserved knowledge" term.
 
-Sampling scheme (part of the cache identity through :data:`STATS_VERSION`): the corpus is read
-line by line (a text file, or the text column of a Hugging Face dataset), each line tokenised
-without special tokens, the ids concatenated and cut after ``n_tokens``. The stream is cut into
-consecutive chunks of ``seq_len`` positions; if the tokenizer adds a BOS token to its inputs,
-every chunk starts with BOS and holds ``seq_len - 1`` corpus tokens, and the BOS position is
-context only (not a sample). Every corpus token is exactly one sample; there is no padding. The
-last chunk may be shorter and runs in its own batch.
+Sampling (``sampling``, part of the cache identity):
+
+* ``"records"`` / ``"lines"`` (the original's: ROME/MEMIT/AlphaEdit ``layer_stats``, there
+  ``mom2_n_samples`` Wikipedia records): ``n_records`` records, each tokenised on its own with
+  the tokenizer's default special tokens (a BOS where the tokenizer adds one, e.g. Llama 3;
+  none for GPT-2 or SmolLM2) and truncated to the model's context length
+  (:func:`context_length`); every position of every record is a sample, ``N`` = their total.
+  A record is a WikiText article (``records``: a `` = Title = `` heading up to the next one,
+  :func:`split_articles`; the analogue of a Wikipedia article) or a non-blank line
+  (``lines``: a row of Hugging Face's wikitext, as the original reads ``wikitext``); of an
+  ``hf:`` dataset, a row. With fewer records than requested, all are used (a warning; the
+  count used is in the key and the metadata); otherwise the original's fixed subset
+  (``random.Random(1).shuffle``, first ``n_records``; :func:`select_records`). Records run
+  longest first in right-padded batches; padding positions are masked out.
+* ``"tokens"`` (this harness's earlier scheme): the corpus is read line by line, each line
+  tokenised without special tokens, the ids concatenated and cut after ``n_tokens``. The
+  stream is cut into consecutive chunks of ``seq_len`` positions; if the tokenizer adds a BOS
+  token to its inputs, every chunk starts with BOS and holds ``seq_len - 1`` corpus tokens, and
+  the BOS position is context only (not a sample). Every corpus token is exactly one sample;
+  there is no padding. The last chunk may be shorter and runs in its own batch.
 
 One forward pass serves all requested layers: a pre-hook on each rewrite module accumulates
 ``K^T K`` on the device in ``accum_dtype``, and the pass stops (:class:`~harness.nethook.
@@ -23,7 +36,10 @@ cost nothing.
 
 Cache: ``cache_dir()/stats/<key>.safetensors``, one file per layer (tensor ``C0`` plus string
 metadata), ``key = sha256`` of the JSON of (stats version, model sha256, layer, rewrite module
-name, corpus sha256, n_tokens, seq_len, model dtype, accumulation dtype). A call computes only
+name, corpus sha256, n_tokens, seq_len, model dtype, accumulation dtype) in tokens mode
+(:func:`stats_key`, unchanged since version 1), and of (records version, sampling, selection
+rule, records used, truncation length, model sha256, layer, module, corpus sha256, dtypes) in
+records modes (:func:`records_key`). A call computes only
 the layers that are not cached yet, in one pass. Files are written atomically (temporary file +
 ``os.replace``) and read with ``safetensors`` (no pickle). Statistics describe the model that
 ``lm.sha256`` identifies: compute them before editing the weights.
@@ -35,10 +51,12 @@ import hashlib
 import itertools
 import json
 import os
+import random
+import re
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,11 +65,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from harness.cachefiles import fsync_dir, key_lock, tensors_sha256
 from harness.errors import UserError
 from harness.models import LoadedModel, cache_dir, sha256_file
 from harness.nethook import on_inputs, stop_after
 
 STATS_VERSION = "1"
+RECORDS_VERSION = "records-1"
 DEFAULT_CORPUS = Path("wikitext-2") / "valid.txt"
 _TOKENIZE_LINES = 512  # lines per tokenizer call
 
@@ -80,6 +100,11 @@ class Corpus:
             with open(self.path, encoding="utf-8-sig") as f:
                 yield from f
             return
+        for text in self.rows():
+            yield text if text.endswith("\n") else text + "\n"
+
+    def rows(self) -> Iterator[str]:
+        """The non-empty texts of a Hugging Face dataset's rows, as stored."""
         assert self.hf is not None
         ds = _load_hf(*self.hf)
         column: str | None = None
@@ -88,7 +113,7 @@ class Corpus:
                 column = _text_column(rec, self.name)
             text = rec[column]
             if text:
-                yield text if text.endswith("\n") else text + "\n"
+                yield text
 
 
 def default_corpus_path() -> Path:
@@ -248,6 +273,176 @@ def corpus_chunks(lm: LoadedModel, corpus: str | Path | None = None, n_tokens: i
 
 
 # ---------------------------------------------------------------------------------------------
+# Records (the original's sampling: whole records, each its own sequence)
+# ---------------------------------------------------------------------------------------------
+
+#: the values of ``stats_sampling`` (:func:`check_sampling`)
+SAMPLING_MODES = ("records", "lines", "tokens")
+#: seed of the original's record subset (``tally(..., random_sample=1)`` in ROME's layer_stats)
+RECORD_SUBSET_SEED = 1
+_TOP_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+def check_sampling(sampling: str) -> str:
+    """``sampling`` if it is one of :data:`SAMPLING_MODES`, else a one-line UserError."""
+    if sampling not in SAMPLING_MODES:
+        raise UserError(f"stats_sampling {sampling!r} is not one of {', '.join(SAMPLING_MODES)}")
+    return sampling
+
+
+def split_articles(lines: Iterable[str]) -> list[str]:
+    """WikiText articles: a top-level heading line `` = Title = `` (not `` = = Section = = ``)
+    and every line up to the next one, joined as in the file (each line ends in a newline);
+    blank lines at either end of an article are dropped. Non-blank text before the first
+    heading is a record of its own; a text without headings is one record."""
+    articles: list[list[str]] = [[]]
+    for line in lines:
+        if _TOP_HEADING.match(line.rstrip("\n")):
+            articles.append([])
+        articles[-1].append(line if line.endswith("\n") else line + "\n")
+    out = []
+    for art in articles:
+        while art and not art[0].strip():
+            art.pop(0)
+        while art and not art[-1].strip():
+            art.pop()
+        if art:
+            out.append("".join(art))
+    return out
+
+
+def corpus_records(corpus: Corpus, unit: str) -> list[str]:
+    """The records of ``corpus``: for a text file, WikiText articles (``unit="records"``,
+    :func:`split_articles`; the analogue of the papers' Wikipedia records) or its non-blank
+    lines (``unit="lines"``: the rows of Hugging Face's wikitext, which the original reads with
+    ``mom2_dataset: wikitext``); for an ``hf:`` dataset, its non-empty rows either way."""
+    if corpus.path is not None:
+        with open(corpus.path, encoding="utf-8-sig") as f:
+            lines = f.readlines()
+        if unit == "lines":
+            return [line if line.endswith("\n") else line + "\n"
+                    for line in lines if line.strip()]
+        if not any(_TOP_HEADING.match(line.rstrip("\n")) for line in lines):
+            warnings.warn(f"statistics corpus {corpus.name} has no ' = Title = ' headings: it "
+                          f"is one record (use stats_sampling=lines for one record per line)",
+                          stacklevel=3)
+        return split_articles(lines)
+    return [text for text in corpus.rows() if text.strip()]
+
+
+def select_records(n_available: int, n_records: int) -> list[int]:
+    """Indices of the records used: all of them (in order) when ``n_records >= n_available``,
+    else the original's fixed pseudo-random subset: ``random.Random(1).shuffle`` of
+    ``range(n_available)``, first ``n_records`` (ROME's ``FixedRandomSubsetSampler``), sorted."""
+    if n_records < 1:
+        raise UserError(f"stats_records must be at least 1 (got {n_records})")
+    idx = list(range(n_available))
+    if n_records >= n_available:
+        return idx
+    random.Random(RECORD_SUBSET_SEED).shuffle(idx)
+    return sorted(idx[:n_records])
+
+
+def context_length(config: Any) -> int:
+    """The original's truncation length of a record: the model's context (``n_positions``,
+    ``max_sequence_length``, ``max_position_embeddings`` or ``seq_length``, first found), but
+    4096 for Mistral without a sliding window (its window when it has one) and for Qwen2."""
+    for name in ("n_positions", "max_sequence_length", "max_position_embeddings", "seq_length"):
+        value = getattr(config, name, None)
+        if value:
+            n = int(value)
+            break
+    else:
+        raise UserError(f"model config ({type(config).__name__}) names no context length")
+    model_type = str(getattr(config, "model_type", ""))
+    if "mistral" in model_type:
+        n = int(getattr(config, "sliding_window", None) or 4096)
+    if "qwen2" in model_type:
+        n = 4096
+    return n
+
+
+@dataclass
+class TokenRecords:
+    """Selected records as token sequences (``records mode``).
+
+    ``records``: 1-D int64 tensors, each one record tokenised as the model's tokenizer does by
+    default (special tokens included, e.g. a BOS) and truncated to ``max_len`` tokens; every
+    position is a sample. ``n_available``: records in the corpus; ``indices``: those used.
+    """
+
+    records: list[Tensor]
+    max_len: int
+    n_available: int
+    indices: list[int]
+    unit: str
+
+    @property
+    def n_records(self) -> int:
+        return len(self.records)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(r.numel() for r in self.records)
+
+    def batches(self, batch_tokens: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(ids (b, T), keep (b, T) bool)``: records sorted by length (longest first), right
+        padded with 0 to the longest in the batch, ``b * T <= batch_tokens`` (or one record).
+        ``keep`` marks the real positions."""
+        if batch_tokens < 1:
+            raise UserError(f"batch_tokens must be at least 1 (got {batch_tokens})")
+        order = sorted(range(len(self.records)), key=lambda i: -self.records[i].numel())
+        i = 0
+        while i < len(order):
+            width = self.records[order[i]].numel()
+            j = i + 1
+            while j < len(order) and (j - i + 1) * width <= batch_tokens:
+                j += 1
+            rows = [self.records[k] for k in order[i:j]]
+            ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0)
+            lengths = torch.tensor([r.numel() for r in rows])
+            keep = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+            yield ids, keep
+            i = j
+
+
+def tokenize_records(tokenizer: Any, corpus: Corpus, n_records: int, max_len: int,
+                     unit: str = "records") -> TokenRecords:
+    """Records of ``corpus`` (:func:`corpus_records`), the subset :func:`select_records`,
+    each tokenised on its own with the tokenizer's default special tokens and truncated to
+    ``max_len`` (as ``tokenizer.encode(text, truncation=True, max_length=max_len)``). Fewer
+    records than ``n_records`` give a warning and all are used."""
+    texts = corpus_records(corpus, unit)
+    if not texts:
+        raise UserError(f"statistics corpus {corpus.name} holds no text")
+    if n_records > len(texts):
+        warnings.warn(f"statistics corpus {corpus.name} has only {len(texts)} {unit} "
+                      f"(< stats_records={n_records}); using all of them", stacklevel=2)
+    idx = select_records(len(texts), n_records)
+    enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_len,
+                    verbose=False)["input_ids"]
+    records = [torch.tensor(ids, dtype=torch.long) for ids in enc if ids]
+    if len(records) != len(idx):  # pragma: no cover - a non-blank text has tokens
+        raise UserError(f"statistics corpus {corpus.name}: a record tokenised to nothing")
+    return TokenRecords(records=records, max_len=max_len, n_available=len(texts),
+                        indices=idx, unit=unit)
+
+
+def count_records(corpus: Corpus, unit: str) -> int:
+    """Number of records of ``corpus`` (:func:`corpus_records`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return len(corpus_records(corpus, unit))
+
+
+def record_chunks(lm: LoadedModel, corpus: str | Path | None = None, n_records: int = 100_000,
+                  unit: str = "records") -> TokenRecords:
+    """:func:`tokenize_records` for ``lm`` (truncation at :func:`context_length`)."""
+    return tokenize_records(lm.tokenizer, resolve_corpus(corpus), n_records,
+                            context_length(lm.model.config), unit)
+
+
+# ---------------------------------------------------------------------------------------------
 # Accumulation
 # ---------------------------------------------------------------------------------------------
 
@@ -255,21 +450,26 @@ def corpus_chunks(lm: LoadedModel, corpus: str | Path | None = None, n_tokens: i
 def accumulate_second_moments(
     lm: LoadedModel,
     layers: Sequence[int],
-    tokens: TokenChunks,
+    tokens: TokenChunks | TokenRecords,
     batch_size: int = 16,
     accum_dtype: torch.dtype = torch.float32,
     early_stop: bool = True,
     show_progress: bool = True,
+    batch_tokens: int = 4096,
 ) -> dict[int, Tensor]:
     """``C0[l] = K_l^T K_l / N`` for each layer in one streamed pass over ``tokens``.
 
-    ``K_l`` (``(N, d_in)``) stacks the inputs of ``lm.spec.rewrite(l)`` at every corpus position
-    (context prefix positions excluded). Per batch ``X`` (``(b, T, d_in)``) the pre-hook does
-    ``S_l += K_b^T K_b`` with ``K_b = X[:, n_prefix:].reshape(-1, d_in)`` cast to ``accum_dtype``
-    (``S_l`` lives on ``lm.device``), updating only the block upper triangle
-    (:func:`_sym_rank_update`). With ``early_stop`` the pass ends after the deepest rewrite
-    module. Returns ``{l: sym(S_l) / N}``, each ``(d_in, d_in)`` in ``accum_dtype``, exactly
-    symmetric.
+    ``K_l`` (``(N, d_in)``) stacks the inputs of ``lm.spec.rewrite(l)`` at every sample
+    position: every corpus position of :class:`TokenChunks` (context prefix excluded; batches
+    of ``batch_size`` chunks), or every real position of every record of
+    :class:`TokenRecords` (padding excluded; length-sorted, right-padded batches of at most
+    ``batch_tokens`` padded positions; with causal attention and right padding the real
+    positions see exactly what they see alone, so no attention mask is needed). Per batch ``X``
+    (``(b, T, d_in)``) the pre-hook does ``S_l += K_b^T K_b`` with ``K_b`` the sample rows of
+    ``X`` (``X[:, n_prefix:]`` or ``X[keep]``) cast to ``accum_dtype`` (``S_l`` lives on
+    ``lm.device``), updating only the block upper triangle (:func:`_sym_rank_update`). With
+    ``early_stop`` the pass ends after the deepest rewrite module. Returns
+    ``{l: sym(S_l) / N}``, each ``(d_in, d_in)`` in ``accum_dtype``, exactly symmetric.
     """
     if not layers:
         return {}
@@ -280,16 +480,21 @@ def accumulate_second_moments(
     device = lm.device
     sums: dict[int, Tensor] = {}
     callbacks = {}
-    p = tokens.n_prefix
+    p = tokens.n_prefix if isinstance(tokens, TokenChunks) else 0
+    current: dict[str, Tensor | None] = {"keep": None}
     for layer in layers:
         d_in = lm.rewrite_weight(layer).shape[1]
         sums[layer] = torch.zeros(d_in, d_in, dtype=accum_dtype, device=device)
 
         def acc(x: Tensor, _s: Tensor = sums[layer], _d: int = d_in) -> None:
-            if p and x.ndim != 3:
-                raise RuntimeError(f"expected (batch, seq, d_in) keys to drop the prefix "
-                                   f"position, got shape {tuple(x.shape)}")
-            k = (x[:, p:] if p else x).reshape(-1, _d)
+            keep = current["keep"]
+            if (p or keep is not None) and x.ndim != 3:
+                raise RuntimeError(f"expected (batch, seq, d_in) keys to select the sample "
+                                   f"positions, got shape {tuple(x.shape)}")
+            if keep is not None:
+                k = x[keep]
+            else:
+                k = (x[:, p:] if p else x).reshape(-1, _d)
             with _lossless_tf32(k.dtype, accum_dtype, k.device):
                 _sym_rank_update(_s, k.to(accum_dtype))
 
@@ -299,16 +504,21 @@ def accumulate_second_moments(
 
     bar = tqdm(total=tokens.n_tokens, unit="tok", unit_scale=True, disable=not show_progress,
                desc=f"C0 layers {','.join(map(str, layers))}")
+    if isinstance(tokens, TokenRecords):
+        batches: Iterable[tuple[Tensor, Tensor | None]] = tokens.batches(batch_tokens)
+    else:
+        batches = ((b, None) for b in tokens.batches(batch_size))
     count = 0
     with torch.inference_mode(), on_inputs(lm.model, callbacks):
-        for batch in tokens.batches(batch_size):
+        for batch, keep in batches:
             ids = batch.to(device)
+            current["keep"] = keep.to(device) if keep is not None else None
             if early_stop:
                 with stop_after(lm.model, deepest):
                     lm.model(input_ids=ids, use_cache=False)
             else:
                 lm.model(input_ids=ids, use_cache=False)
-            n = ids.shape[0] * (ids.shape[1] - p)
+            n = int(keep.sum()) if keep is not None else ids.shape[0] * (ids.shape[1] - p)
             count += n
             bar.update(n)
     bar.close()
@@ -389,27 +599,57 @@ def stats_key(lm: LoadedModel, layer: int, corpus_sha256: str, n_tokens: int, se
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def records_key(lm: LoadedModel, layer: int, corpus_sha256: str, sampling: str,
+                n_records: int, max_len: int, accum_dtype: torch.dtype = torch.float32) -> str:
+    """Cache key of records-mode ``C0`` (``sampling`` "records" or "lines"): SHA-256 hex of the
+    JSON of (records stats version, sampling, record selection rule, number of records actually
+    used, truncation length, model sha256, layer, module, corpus sha256, dtypes). Its payload
+    differs from :func:`stats_key`'s, so the two modes never share a key."""
+    payload = {
+        "version": RECORDS_VERSION,
+        "sampling": check_sampling(sampling),
+        "selection": f"random.Random({RECORD_SUBSET_SEED}) subset",
+        "n_records": int(n_records),
+        "max_len": int(max_len),
+        "model_sha256": lm.sha256,
+        "layer": int(layer),
+        "module": lm.spec.rewrite(layer),
+        "corpus_sha256": corpus_sha256,
+        "dtype": str(lm.dtype),
+        "accum_dtype": str(accum_dtype),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 def stats_dir() -> Path:
     return cache_dir() / "stats"
 
 
 def _save_atomic(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write a cache file all or nothing (temp file, fsync, rename, fsync of the directory),
+    with the content hash of its tensors in the metadata (``content_sha256``)."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata = {**metadata, "content_sha256": tensors_sha256(cpu)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
-                  metadata=metadata)
+        save_file(cpu, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def _load(path: Path, name: str, device: torch.device) -> tuple[Tensor, dict[str, str]] | None:
-    """Tensor ``name`` and the metadata of a cache file, or None if absent or unreadable."""
+    """Tensor ``name`` and the metadata of a cache file, or None if absent, unreadable or
+    damaged (its tensors do not hash to the stored ``content_sha256``, or it has none): a
+    warning, then the caller recomputes and overwrites it."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -417,9 +657,16 @@ def _load(path: Path, name: str, device: torch.device) -> tuple[Tensor, dict[str
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
-            tensor = f.get_tensor(name)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensor = tensors[name]
     except Exception as exc:  # a truncated/corrupt file: recompute and overwrite
         warnings.warn(f"ignoring unreadable cache file {path}: {exc}", stacklevel=3)
+        return None
+    stored = meta.pop("content_sha256", None)
+    if stored != tensors_sha256(tensors):
+        why = "has no content hash" if stored is None else "does not match its content hash"
+        warnings.warn(f"ignoring cache file {path}: it {why} (modified or damaged); "
+                      f"recomputing it", stacklevel=3)
         return None
     return tensor.to(device), meta
 
@@ -429,8 +676,11 @@ class StatsResult:
     """``C0`` per layer plus, per layer, the cache key, file and metadata (for the manifest).
 
     ``meta[l]`` holds strings: ``key``, ``model_sha256``, ``layer``, ``module``, ``corpus``,
-    ``corpus_sha256``, ``n_tokens`` (samples actually used), ``n_tokens_requested``,
-    ``seq_len``, ``dtype``, ``accum_dtype``, ``version``, ``compute_s``, ``created``.
+    ``corpus_sha256``, ``sampling``, ``n_tokens`` (samples actually used), ``seq_len`` (the
+    truncation length in records modes), ``dtype``, ``accum_dtype``, ``version``,
+    ``compute_s``, ``created``; tokens mode adds ``n_tokens_requested`` and ``n_prefix``,
+    records modes ``n_records`` (used), ``n_records_requested``, ``n_records_available``,
+    ``max_len`` and ``selection``.
     """
 
     C0: dict[int, Tensor]
@@ -443,10 +693,13 @@ class StatsResult:
         return {layer: m["key"] for layer, m in self.meta.items()}
 
     def provenance(self) -> dict[str, Any]:
-        """JSON-able summary: per layer key, tokens, corpus hash, file, cached or computed."""
-        return {
-            str(layer): {
+        """JSON-able summary: per layer key, sampling mode, tokens (and, in records modes,
+        records used / requested / available), corpus hash, file, cached or computed."""
+        out: dict[str, Any] = {}
+        for layer, m in sorted(self.meta.items()):
+            entry: dict[str, Any] = {
                 "key": m["key"],
+                "sampling": m.get("sampling", "tokens"),
                 "n_tokens": int(m["n_tokens"]),
                 "corpus": m.get("corpus", ""),
                 "corpus_sha256": m["corpus_sha256"],
@@ -454,8 +707,43 @@ class StatsResult:
                 "file": str(self.paths[layer]),
                 "cached": layer not in self.computed,
             }
-            for layer, m in sorted(self.meta.items())
-        }
+            for k in ("n_records", "n_records_requested", "n_records_available", "max_len"):
+                if k in m:
+                    entry[k] = int(m[k])
+            out[str(layer)] = entry
+        return out
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a statistics call samples: ``mode`` (:data:`SAMPLING_MODES`); for "tokens"
+    ``n_tokens`` corpus tokens in chunks of ``seq_len``; for "records"/"lines" ``n_records``
+    records (requested), each truncated to the model's context length."""
+
+    mode: str = "tokens"
+    n_tokens: int = 100_000
+    seq_len: int = 256
+    n_records: int = 100_000
+
+
+def _plan_keys(lm: LoadedModel, layers: Sequence[int], src: Corpus, how: Sampling,
+               accum_dtype: torch.dtype) -> tuple[dict[int, str], dict[str, int]]:
+    """Cache key per layer and, for records modes, the record counts (requested, available,
+    used) and the truncation length."""
+    check_sampling(how.mode)
+    if how.mode == "tokens":
+        return ({layer: stats_key(lm, layer, src.sha256, how.n_tokens, how.seq_len, accum_dtype)
+                 for layer in layers}, {})
+    if how.n_records < 1:
+        raise UserError(f"stats_records must be at least 1 (got {how.n_records})")
+    available = count_records(src, how.mode)
+    if available == 0:
+        raise UserError(f"statistics corpus {src.name} holds no text")
+    info = {"n_records_requested": how.n_records, "n_records_available": available,
+            "n_records": min(how.n_records, available),
+            "max_len": context_length(lm.model.config)}
+    return ({layer: records_key(lm, layer, src.sha256, how.mode, info["n_records"],
+                                info["max_len"], accum_dtype) for layer in layers}, info)
 
 
 def second_moment_stats(
@@ -467,43 +755,63 @@ def second_moment_stats(
     batch_size: int = 16,
     accum_dtype: torch.dtype = torch.float32,
     show_progress: bool = True,
+    *,
+    sampling: str = "tokens",
+    n_records: int = 100_000,
+    batch_tokens: int = 4096,
 ) -> StatsResult:
     """Cached ``C0 = E[k k^T]`` (``(d_in, d_in)``, ``accum_dtype``, on ``lm.device``) per layer.
 
-    Cached layers are read from disk; the missing ones are computed together in one pass
+    ``sampling="tokens"``: the first ``n_tokens`` corpus tokens in chunks of ``seq_len``
+    (:func:`tokenize_corpus`). ``"records"`` / ``"lines"``: ``n_records`` records (articles /
+    lines; :func:`tokenize_records`), the original's sampling. Cached layers are read from
+    disk; the missing ones are computed together in one pass
     (:func:`accumulate_second_moments`) and written, one file per layer.
     """
+    how = Sampling(sampling, n_tokens, seq_len, n_records)
     layers = sorted({int(layer) for layer in layers})
     src = resolve_corpus(corpus)
-    keys = {layer: stats_key(lm, layer, src.sha256, n_tokens, seq_len, accum_dtype)
-            for layer in layers}
+    keys, info = _plan_keys(lm, layers, src, how, accum_dtype)
     paths = {layer: stats_dir() / f"{keys[layer]}.safetensors" for layer in layers}
-    C0: dict[int, Tensor] = {}
-    meta: dict[int, dict[str, str]] = {}
-    for layer in layers:
-        got = _load(paths[layer], "C0", lm.device)
-        if got is not None:
-            C0[layer], meta[layer] = got
-    missing = [layer for layer in layers if layer not in C0]
-    if missing:
-        t0 = time.perf_counter()
-        tokens = tokenize_corpus(lm.tokenizer, src, n_tokens, seq_len)
-        fresh = accumulate_second_moments(lm, missing, tokens, batch_size=batch_size,
-                                          accum_dtype=accum_dtype, show_progress=show_progress)
-        elapsed = time.perf_counter() - t0
-        for layer in missing:
-            m = {
-                "key": keys[layer], "model_sha256": lm.sha256, "layer": str(layer),
-                "module": lm.spec.rewrite(layer), "corpus": src.name,
-                "corpus_sha256": src.sha256, "n_tokens": str(tokens.n_tokens),
-                "n_tokens_requested": str(n_tokens), "n_prefix": str(tokens.n_prefix),
-                "seq_len": str(seq_len), "dtype": str(lm.dtype), "accum_dtype": str(accum_dtype),
-                "version": STATS_VERSION, "compute_s": f"{elapsed:.3f}",
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            _save_atomic(paths[layer], {"C0": fresh[layer]}, m)
-            C0[layer], meta[layer] = fresh[layer], m
-    return StatsResult(C0=C0, meta=meta, paths=paths, computed=missing)
+    # one process computes a key at a time; another needing it waits, then reads the file
+    with key_lock(cache_dir() / "locks", keys.values()):
+        C0: dict[int, Tensor] = {}
+        meta: dict[int, dict[str, str]] = {}
+        for layer in layers:
+            got = _load(paths[layer], "C0", lm.device)
+            if got is not None:
+                C0[layer], meta[layer] = got
+        missing = [layer for layer in layers if layer not in C0]
+        if missing:
+            t0 = time.perf_counter()
+            tokens: TokenChunks | TokenRecords
+            if how.mode == "tokens":
+                tokens = tokenize_corpus(lm.tokenizer, src, n_tokens, seq_len)
+                mode_meta = {"n_tokens_requested": str(n_tokens), "n_prefix": str(tokens.n_prefix),
+                             "seq_len": str(seq_len)}
+            else:
+                tokens = tokenize_records(lm.tokenizer, src, n_records, info["max_len"], how.mode)
+                mode_meta = {"seq_len": str(info["max_len"]),
+                             **{k: str(v) for k, v in info.items()},
+                             "selection": f"random.Random({RECORD_SUBSET_SEED}) subset"}
+            fresh = accumulate_second_moments(lm, missing, tokens, batch_size=batch_size,
+                                              accum_dtype=accum_dtype, show_progress=show_progress,
+                                              batch_tokens=batch_tokens)
+            elapsed = time.perf_counter() - t0
+            for layer in missing:
+                m = {
+                    "key": keys[layer], "model_sha256": lm.sha256, "layer": str(layer),
+                    "module": lm.spec.rewrite(layer), "corpus": src.name,
+                    "corpus_sha256": src.sha256, "sampling": how.mode,
+                    "n_tokens": str(tokens.n_tokens), **mode_meta,
+                    "dtype": str(lm.dtype), "accum_dtype": str(accum_dtype),
+                    "version": STATS_VERSION if how.mode == "tokens" else RECORDS_VERSION,
+                    "compute_s": f"{elapsed:.3f}",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+                _save_atomic(paths[layer], {"C0": fresh[layer]}, m)
+                C0[layer], meta[layer] = fresh[layer], m
+        return StatsResult(C0=C0, meta=meta, paths=paths, computed=missing)
 
 
 def second_moments(
@@ -515,24 +823,31 @@ def second_moments(
     batch_size: int = 16,
     accum_dtype: torch.dtype = torch.float32,
     show_progress: bool = True,
+    *,
+    sampling: str = "tokens",
+    n_records: int = 100_000,
 ) -> dict[int, Tensor]:
     """``{layer: C0}`` with ``C0 = E[k k^T]`` ``(d_in, d_in)``; see :func:`second_moment_stats`
     (which also returns the cache keys and provenance metadata)."""
     return second_moment_stats(lm, layers, corpus, n_tokens, seq_len, batch_size, accum_dtype,
-                               show_progress).C0
+                               show_progress, sampling=sampling, n_records=n_records).C0
 
 
 def stats_provenance(lm: LoadedModel, layers: Sequence[int], corpus: str | Path | None = None,
                      n_tokens: int = 100_000, seq_len: int = 256,
-                     accum_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                     accum_dtype: torch.dtype = torch.float32, *, sampling: str = "tokens",
+                     n_records: int = 100_000) -> dict[str, Any]:
     """Provenance of already cached statistics (key, file, and stored metadata per layer),
     without computing anything; layers not cached map to ``{"key": ..., "cached": False}``."""
     from safetensors import safe_open
 
     src = resolve_corpus(corpus)
+    layers = sorted({int(x) for x in layers})
+    keys, _ = _plan_keys(lm, layers, src, Sampling(sampling, n_tokens, seq_len, n_records),
+                         accum_dtype)
     out: dict[str, Any] = {}
-    for layer in sorted({int(x) for x in layers}):
-        key = stats_key(lm, layer, src.sha256, n_tokens, seq_len, accum_dtype)
+    for layer in layers:
+        key = keys[layer]
         path = stats_dir() / f"{key}.safetensors"
         entry: dict[str, Any] = {"key": key, "file": str(path), "cached": path.is_file()}
         if path.is_file():
@@ -558,15 +873,16 @@ def cached_projector(lm: LoadedModel, layer: int, C0: Tensor, key: str,
                                       "kind": "nullspace"}, sort_keys=True).encode()).hexdigest()
     path = stats_dir() / f"projector-{pkey}.safetensors"
     d_in = C0.shape[-1]
-    got = _load(path, "P", lm.device)
-    if got is not None and tuple(got[0].shape) == (d_in, d_in):
-        return got[0]
-    P = nullspace_projector(C0, threshold).to(torch.float32)
-    _save_atomic(path, {"P": P}, {
-        "stats_key": key, "threshold": repr(float(threshold)), "layer": str(layer),
-        "model_sha256": lm.sha256, "module": lm.spec.rewrite(layer),
-        "rank": str(round(float(torch.trace(P)))),
-    })
+    with key_lock(cache_dir() / "locks", [f"projector-{pkey}"]):
+        got = _load(path, "P", lm.device)
+        if got is not None and tuple(got[0].shape) == (d_in, d_in):
+            return got[0]
+        P = nullspace_projector(C0, threshold).to(torch.float32)
+        _save_atomic(path, {"P": P}, {
+            "stats_key": key, "threshold": repr(float(threshold)), "layer": str(layer),
+            "model_sha256": lm.sha256, "module": lm.spec.rewrite(layer),
+            "rank": str(round(float(torch.trace(P)))),
+        })
     return P.to(lm.device)
 
 
@@ -657,3 +973,70 @@ def benchmark_stats(lm: LoadedModel, layers: Sequence[int], n_tokens: int = 100_
     out["ratio_no_head"] = out["stats_tok_s"] / out["forward_no_head_tok_s"]
     out["stats_total_s_est"] = tokenize_s + out["stats_s"]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: C0 of given layers (e.g. for comparing with the original code's C0)
+# ---------------------------------------------------------------------------------------------
+
+
+def selected_records(corpus: str | Path | None, n_records: int, unit: str = "records"
+                     ) -> tuple[list[int], list[str], int]:
+    """``(indices, texts, n_available)`` of the records a records-mode call with
+    ``n_records`` uses (before tokenisation): the exact inputs to feed another implementation."""
+    check_sampling(unit)
+    if unit == "tokens":
+        raise UserError("selected_records needs stats_sampling records or lines")
+    texts = corpus_records(resolve_corpus(corpus), unit)
+    idx = select_records(len(texts), n_records)
+    return idx, [texts[i] for i in idx], len(texts)
+
+
+def main(argv: Sequence[str] | None = None, lm: LoadedModel | None = None) -> int:
+    """``python -m harness.stats --model M --layers 4,5 [--sampling records --records 200]
+    [--corpus FILE] [--out C0.safetensors] [--records-out records.json]``: compute (or read
+    from the cache) C0 of the layers and write them as ``C0.<layer>`` tensors with the
+    provenance as metadata; ``--records-out`` writes the record texts used as JSON."""
+    import argparse
+
+    from harness.models import load_model
+
+    ap = argparse.ArgumentParser(prog="python -m harness.stats", description=main.__doc__)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--layers", required=True, type=lambda v: [int(x) for x in v.split(",")])
+    ap.add_argument("--sampling", default="records", help="/".join(SAMPLING_MODES))
+    ap.add_argument("--records", type=int, default=200, help="records (records/lines modes)")
+    ap.add_argument("--tokens", type=int, default=100_000, help="tokens (tokens mode)")
+    ap.add_argument("--seq-len", type=int, default=256, help="chunk length (tokens mode)")
+    ap.add_argument("--corpus", default=None, help="text file or hf:<name>[:config][:split]")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default=None, help="safetensors file for the C0 matrices")
+    ap.add_argument("--records-out", default=None, help="JSON file for the record texts used")
+    args = ap.parse_args(argv)
+    try:
+        check_sampling(args.sampling)
+        if lm is None:  # tests pass a loaded model
+            lm = load_model(args.model, device=args.device, dtype=args.dtype)
+        t0 = time.perf_counter()
+        res = second_moment_stats(lm, args.layers, args.corpus, args.tokens, args.seq_len,
+                                  sampling=args.sampling, n_records=args.records)
+        elapsed = time.perf_counter() - t0
+    except UserError as exc:
+        print(f"error: {exc}")
+        return 2
+    prov = res.provenance()
+    print(json.dumps({"seconds": round(elapsed, 3), "layers": prov}, indent=1))
+    if args.out:
+        _save_atomic(Path(args.out), {f"C0.{layer}": c for layer, c in res.C0.items()},
+                     {"provenance": json.dumps(prov, sort_keys=True)})
+    if args.records_out and args.sampling != "tokens":
+        idx, texts, available = selected_records(args.corpus, args.records, args.sampling)
+        Path(args.records_out).write_text(json.dumps(
+            {"unit": args.sampling, "n_available": available, "indices": idx,
+             "texts": texts}, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

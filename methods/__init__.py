@@ -22,6 +22,11 @@ METHODS: dict[str, str] = {
     "metake": "methods.metake",
     "metake-noproxy": "methods.metake_noproxy",
     "alphaedit-rescaled": "methods.alphaedit_rescaled",
+    "prune": "methods.prune",
+    "rect": "methods.rect",
+    "emmet": "methods.emmet",
+    "memit-blue": "methods.memit_blue",
+    "alphaedit-blue": "methods.alphaedit_blue",
 }
 
 

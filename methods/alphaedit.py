@@ -38,7 +38,7 @@ def state_key(layer: int) -> str:
 def solver_for(lm: Any, hp: LocateHparams, state: dict[str, Any], lam: float) -> Solver:
     P = projectors(lm, hp, hp.layers)
 
-    def solve(layer: int, R, K):
+    def solve(layer: int, R, K, K_plain):
         prev = state.get(state_key(layer))
         return alphaedit_A(K, P[layer].to(K.dtype),
                            prev_cov=None if prev is None else prev.to(K.dtype), lam=lam)

@@ -29,7 +29,7 @@ def rescale(lm: Any, requests: Sequence[EditRequest], hp: Hparams, Z0: torch.Ten
             V0: torch.Tensor, problem: Any, templates: Sequence[str], P: dict[int, Any],
             state: dict[str, Any]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     layer = hp.proxy_layer if hp.proxy_layer is not None else hp.layers[-1]
-    K, _ = averaged_keys(lm, requests, templates, [layer])
+    K, _ = averaged_keys(lm, requests, templates, [layer], averaging=hp.key_averaging)
     A = metake.proxy_A(lm, hp, layer, K[layer], P, state)
     S = A @ K[layer].double()
     R0 = (V0 - Z0).double()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,81 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric hyperparameter: ``lo <= x <= hi`` (``<`` where open)."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, x: float) -> bool:
+        above = x > self.lo if self.lo_open else x >= self.lo
+        below = x < self.hi if self.hi_open else x <= self.hi
+        return above and below
+
+    def describe(self) -> str:
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return (f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+                f"{')' if self.hi_open else ']'}")
+
+
+POSITIVE = Range(0.0, lo_open=True)
+NON_NEGATIVE = Range(0.0)
+AT_LEAST_ONE = Range(1.0)
+
+#: allowed range of a hyperparameter by field name, for every method (list fields: each
+#: element). Every float field must also be finite. A new field is covered by adding a line.
+RANGES: dict[str, Range] = {
+    # target vector v (methods/targets.py)
+    "v_lr": POSITIVE, "v_num_grad_steps": AT_LEAST_ONE, "v_steps": AT_LEAST_ONE,
+    "v_weight_decay": NON_NEGATIVE, "kl_factor": NON_NEGATIVE, "clamp_norm_factor": POSITIVE,
+    "stop_loss": NON_NEGATIVE,
+    # locate-then-edit (methods/locate.py)
+    "layers": NON_NEGATIVE, "n_context": NON_NEGATIVE, "context_length": AT_LEAST_ONE,
+    "context_templates": NON_NEGATIVE, "stats_tokens": Range(1000.0),
+    "stats_seq_len": Range(2.0), "stats_records": AT_LEAST_ONE,
+    "nullspace_threshold": NON_NEGATIVE, "L2": NON_NEGATIVE,
+    "mom2_update_weight": NON_NEGATIVE,
+    # MetaKE (methods/metake.py), rescaled AlphaEdit
+    "outer_steps": NON_NEGATIVE, "outer_lr": POSITIVE, "beta": NON_NEGATIVE,
+    "gamma": NON_NEGATIVE, "outer_clamp_factor": POSITIVE, "proxy_layer": NON_NEGATIVE,
+    "max_rescale": POSITIVE,
+    # fine-tuning (methods/ft.py)
+    "lr": POSITIVE, "steps": AT_LEAST_ONE, "norm_constraint": POSITIVE,
+    "weight_decay": NON_NEGATIVE, "early_stop_nll": NON_NEGATIVE,
+}
+
+
+def _numbers(value: Any) -> list[int | float]:
+    """The numbers in a (nested list) hyperparameter value; booleans are not numbers."""
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int | float):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [x for v in value for x in _numbers(v)]
+    return []
+
+
+def check_ranges(hparams: Any, source: str = "hparams") -> None:
+    """Every number in ``hparams`` is finite and every field of :data:`RANGES` in its range;
+    a one-line :class:`UserError` names the field, its value and the allowed range."""
+    for f in dataclasses.fields(hparams):
+        value = getattr(hparams, f.name)
+        allowed = RANGES.get(f.name)
+        for x in _numbers(value):
+            if isinstance(x, float) and not math.isfinite(x):
+                want = f"a finite number {allowed.describe()}" if allowed else "a finite number"
+                raise UserError(f"{source}: field {f.name!r} = {x}: must be {want}")
+            if allowed is not None and not allowed.contains(x):
+                shown = value if isinstance(value, list | tuple) else x
+                raise UserError(f"{source}: field {f.name!r} = {shown!r}: must be "
+                                f"{allowed.describe()}")
+
+
 def hparams_from_dict(cls: type, data: dict[str, Any], source: str = "hparams") -> Any:
     """Build the dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
@@ -124,30 +200,54 @@ def hparams_from_dict(cls: type, data: dict[str, Any], source: str = "hparams") 
         obj = cls(**kwargs)
     except TypeError as exc:
         raise UserError(f"{source}: {exc}") from exc
+    check_ranges(obj, source)
     check = getattr(obj, "validate", None)
     if check is not None:
         check()
     return obj
 
 
+PRESETS = ("faithful", "tuned")
+
+
 def load_hparams(cls: type, method: str, model: str, path: str | Path | None = None,
-                 overrides: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """Hparams for ``method`` on ``model``: an explicit YAML ``path``, else
-    ``methods/hparams/<method>/<model>.yaml``, else the file of its family (``gpt2-xl.yaml``
-    for ``openai-community/gpt2-xl`` or ``random:gpt2-xl``; :func:`harness.models.model_family`),
-    else ``default.yaml`` there, else the dataclass defaults; then ``overrides``.
-    Returns (hparams, source description)."""
+                 overrides: dict[str, Any] | None = None,
+                 preset: str = "faithful") -> tuple[Any, str]:
+    """Hparams for ``method`` on ``model``: an explicit YAML ``path``, else the preset's file
+    in ``methods/hparams/<method>/``: ``<model>.yaml`` (``faithful``: the published code's
+    behaviour) or ``<model>-tuned.yaml`` (``tuned``: this harness's improved settings), with
+    ``<model>`` the model name (``/`` and ``:`` as ``_``) or its family (``gpt2-xl`` for
+    ``openai-community/gpt2-xl`` or ``random:gpt2-xl``; :func:`harness.models.model_family`);
+    else ``default.yaml``, else the dataclass defaults; then ``overrides``. A method with
+    tuned files for other models but none for this one is an error under ``tuned``; a method
+    with no tuned file at all (one setting only: ft, noop) uses its files under either preset.
+    Returns (hparams, source)."""
+    if preset not in PRESETS:
+        raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     data: dict[str, Any] = {}
     source = "dataclass defaults"
     if path is None:
         from harness.models import model_family
 
+        suffix = "" if preset == "faithful" else f"-{preset}"
         stems = [model.replace("/", "_").replace(":", "_"), model_family(model)]
-        for cand in [*(HPARAMS_DIR / method / f"{st}.yaml" for st in stems if st),
-                     HPARAMS_DIR / method / "default.yaml"]:
+        cands = [HPARAMS_DIR / method / f"{st}{suffix}.yaml" for st in stems if st]
+        presetless = preset != "faithful" and not any(
+            (HPARAMS_DIR / method).glob(f"*{suffix}.yaml"))
+        if presetless:  # a method with one setting only (ft, noop): the preset does not apply
+            suffix = ""
+            cands = [HPARAMS_DIR / method / f"{st}.yaml" for st in stems if st]
+        if preset == "faithful" or presetless:
+            cands.append(HPARAMS_DIR / method / "default.yaml")
+        for cand in cands:
             if cand.exists():
                 path = cand
                 break
+        if path is None and preset != "faithful" and not presetless:
+            have = sorted(p.stem.removesuffix(suffix)
+                          for p in (HPARAMS_DIR / method).glob(f"*{suffix}.yaml"))
+            raise UserError(f"--preset {preset}: method {method!r} has no {preset} hparams for "
+                            f"model {model!r} (it has: {', '.join(have) or 'none'})")
     if path is not None:
         p = Path(path)
         if not p.exists():

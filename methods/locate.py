@@ -12,16 +12,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from harness.errors import UserError
 from harness.models import LoadedModel, resolve_dtype
-from harness.stats import cached_projector, second_moment_stats
+from harness.stats import SAMPLING_MODES, cached_projector, second_moment_stats
 from methods import alignment
 from methods.base import EditRequest
-from methods.keys import averaged_keys, context_templates
+from methods.keys import (
+    KEY_AVERAGING,
+    VALUE_SITES,
+    averaged_keys,
+    context_templates,
+    original_context_templates,
+    parse_template_texts,
+)
 from methods.solvers import spread_residual
 from methods.targets import TargetHparams
 
@@ -29,16 +36,35 @@ from methods.targets import TargetHparams
 @dataclass
 class LocateHparams(TargetHparams):
     """Shared by ROME/MEMIT/AlphaEdit/MetaKE. ``layers``: edited layers (the last one carries
-    the target). Statistics: ``stats_tokens`` tokens of ``stats_corpus`` (None: WikiText-2 in
-    the data dir). ``nullspace_threshold`` also defines phi for methods without a projector.
-    ``solve_dtype``: dtype of the closed-form solves (float64 default: exact on CPU)."""
+    the target). Statistics (:mod:`harness.stats`) over ``stats_corpus`` (None: WikiText-2 in
+    the data dir): ``stats_sampling`` "records" (the original's: ``stats_records`` articles,
+    its ``mom2_n_samples``, each its own sequence), "lines" (records = lines) or "tokens"
+    (``stats_tokens`` tokens in chunks of ``stats_seq_len``). ``nullspace_threshold`` also
+    defines phi for methods without a projector.
+    ``solve_dtype``: dtype of the closed-form solves (float64 default: exact on CPU).
+
+    Context templates (:mod:`methods.keys`), first match wins:
+    ``context_template_texts``: exactly these templates, in the original code's form
+    (``["{}", "X. {}", ...]``); ``n_context`` (with ``context_length``, default 10): the
+    pre-issue-13 harness's prefixes (``n_context`` of ``context_length`` new tokens, one per
+    starter in turn, whitespace collapsed; ``tuned`` preset); else ``context_templates``: the published
+    schedule of ``[length, n]`` pairs (``length`` tokens in total, ``n // 5`` per starter
+    word). ``key_averaging``: ``original`` (MEMIT ``compute_ks``: half the plain prompt's key,
+    half the mean of the prefixed ones) | ``uniform`` (mean over all templates)."""
+
+    CONTEXT_BRACES: ClassVar[str] = " "  # what the original puts for "{" / "}" in prefixes
 
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
-    n_context: int = 5
-    context_length: int = 10
+    context_templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    context_template_texts: list[str] | None = None
+    n_context: int | None = None
+    context_length: int | None = None
+    key_averaging: str = "original"
     stats_tokens: int = 100_000
     stats_corpus: str | None = None
     stats_seq_len: int = 256
+    stats_sampling: str = "tokens"
+    stats_records: int = 100_000
     nullspace_threshold: float = 2e-2
     solve_dtype: str = "float64"
 
@@ -47,11 +73,49 @@ class LocateHparams(TargetHparams):
             raise UserError("hparams: 'layers' must name at least one layer")
         if sorted(self.layers) != list(self.layers) or len(set(self.layers)) != len(self.layers):
             raise UserError(f"hparams: 'layers' must be strictly increasing, got {self.layers}")
-        if self.v_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
-            raise UserError("hparams: v_steps, v_lr and clamp_norm_factor must be positive")
+        steps = self.v_num_grad_steps if self.v_steps is None else self.v_steps
+        if steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
+            raise UserError("hparams: v_num_grad_steps (or v_steps), v_lr and "
+                            "clamp_norm_factor must be positive")
         if self.stats_tokens < 1000:
             raise UserError("hparams: stats_tokens must be at least 1000")
+        _check_choice("stats_sampling", self.stats_sampling, SAMPLING_MODES)
+        if self.stats_records < 1:
+            raise UserError("hparams: stats_records must be at least 1")
+        _check_choice("key_averaging", self.key_averaging, KEY_AVERAGING)
+        _check_choice("value_site", self.value_site, VALUE_SITES)
+        for pair in self.context_templates:
+            if len(pair) != 2 or pair[0] < 1 or pair[1] < 0:
+                raise UserError("hparams: field 'context_templates' must be [[length, n], ...] "
+                                f"with length >= 1 and n >= 0, got {self.context_templates}")
+        if self.context_template_texts is not None:
+            if self.n_context is not None:
+                raise UserError("hparams: set context_template_texts or n_context, not both")
+            parse_template_texts(self.context_template_texts)
+        if self.n_context is not None and self.n_context < 0:
+            raise UserError(f"hparams: n_context must be >= 0, got {self.n_context}")
+        if self.context_length is not None and (self.n_context is None
+                                                or self.context_length < 1):
+            raise UserError("hparams: context_length (>= 1) only applies with n_context")
         resolve_dtype(self.solve_dtype)
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise UserError(f"hparams: field {name!r} must be one of {', '.join(allowed)}, "
+                        f"got {value!r}")
+
+
+def templates_for(lm: LoadedModel, hp: LocateHparams) -> list[str]:
+    """The context prefixes of ``hp`` (``""`` first), generated once per model and seed."""
+    if hp.context_template_texts is not None:
+        return parse_template_texts(hp.context_template_texts)
+    seed = int(lm.info.get("seed", 0))
+    if hp.n_context is not None:
+        length = 10 if hp.context_length is None else hp.context_length
+        return context_templates(lm, hp.n_context, length, seed=seed)
+    return original_context_templates(lm, hp.context_templates, seed=seed,
+                                      braces=type(hp).CONTEXT_BRACES)
 
 
 def check_layers(lm: LoadedModel, layers: Sequence[int]) -> None:
@@ -66,11 +130,13 @@ def layer_statistics(lm: LoadedModel, hp: LocateHparams, layers: Sequence[int]
     Kept on the model object for the rest of the process (the stats are of the unedited
     model, keyed by its hash; they do not change as edits accumulate)."""
     memo = lm.info.setdefault("_stats", {})
-    want = (hp.stats_corpus, hp.stats_tokens, hp.stats_seq_len)
+    want = (hp.stats_corpus, hp.stats_tokens, hp.stats_seq_len, hp.stats_sampling,
+            hp.stats_records)
     missing = [layer for layer in layers if (want, layer) not in memo]
     if missing:
         res = second_moment_stats(lm, missing, hp.stats_corpus, hp.stats_tokens,
-                                  hp.stats_seq_len)
+                                  hp.stats_seq_len, sampling=hp.stats_sampling,
+                                  n_records=hp.stats_records)
         prov = res.provenance()
         for layer in missing:
             memo[(want, layer)] = (res.C0[layer], res.keys[layer], prov[str(layer)])
@@ -101,11 +167,12 @@ def prepare(lm: LoadedModel, hp: LocateHparams) -> None:
     ones as an uninterrupted run."""
     check_layers(lm, hp.layers)
     projectors(lm, hp, hp.layers)
-    context_templates(lm, hp.n_context, hp.context_length, seed=int(lm.info.get("seed", 0)))
+    templates_for(lm, hp)
 
 
-#: solver(layer, R (d_out, n), K (d_in, n)) -> A (n, d_in), Delta = R A
-Solver = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+#: solver(layer, R (d_out, n), K (d_in, n), K_plain (d_in, n)) -> A (n, d_in), Delta = R A.
+#: K: the context-averaged keys; K_plain: the plain rewrite prompt's keys (ROME's denominator)
+Solver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -126,12 +193,14 @@ def write_layers(lm: LoadedModel, requests: Sequence[EditRequest], hp: LocateHpa
     keys, As, norms = {}, {}, {}
     residual_first = torch.empty(0)
     for i, layer in enumerate(hp.layers):
-        K, Z = averaged_keys(lm, requests, templates, [layer], [last])
+        plain: dict[int, torch.Tensor] = {}
+        K, Z = averaged_keys(lm, requests, templates, [layer], [last], hp.key_averaging,
+                             hp.value_site, plain)
         R = (V - Z[last]).to(sdt)
         if i == 0:
             residual_first = R
         R_l = spread_residual(R, i, len(hp.layers))
-        A = solver(layer, R_l, K[layer].to(sdt))
+        A = solver(layer, R_l, K[layer].to(sdt), plain[layer].to(sdt))
         delta = R_l @ A
         if not torch.isfinite(delta).all():
             from methods.solvers import NumericalError
@@ -146,9 +215,13 @@ def diagnostics(lm: LoadedModel, requests: Sequence[EditRequest], hp: LocateHpar
                 Z0: torch.Tensor, V: torch.Tensor, templates: Sequence[str],
                 written: WriteResult, P_last: torch.Tensor | None,
                 extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Per-edit phi, rho, z_error, residual and update norms (METAKE.md), after the write."""
+    """Per-edit phi, rho, z_error, residual and update norms (METAKE.md), after the write.
+    rho and z_error are read on the plain rewrite prompt at ``hp.value_site``: ROME with
+    ``denominator_key: plain`` is exact there (rho = 1 up to rounding), with ``averaged``
+    it is exact at the averaged key instead."""
     last = hp.layers[-1]
-    _, Zpost = averaged_keys(lm, requests, templates[:1], [], [last])
+    _, Zpost = averaged_keys(lm, requests, templates[:1], [], [last],
+                             value_site=hp.value_site)
     zp = Zpost[last].double()
     z0, v = Z0.double(), V.double()
     rho = alignment.realisation(zp, z0, v)
@@ -184,8 +257,7 @@ def edit_batch(lm: LoadedModel, requests: Sequence[EditRequest], hp: LocateHpara
     t0 = time.perf_counter()
     P = projectors(lm, hp, hp.layers)
     timings["stats_s"] = time.perf_counter() - t0
-    templates = context_templates(lm, hp.n_context, hp.context_length,
-                                  seed=int(lm.info.get("seed", 0)))
+    templates = templates_for(lm, hp)
     t0 = time.perf_counter()
     from methods.targets import compute_targets
 

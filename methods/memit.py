@@ -28,7 +28,7 @@ class Hparams(LocateHparams):
 def solver_for(lm: Any, hp: Hparams) -> Solver:
     C0, _, _ = layer_statistics(lm, hp, hp.layers)
 
-    def solve(layer: int, R, K):
+    def solve(layer: int, R, K, K_plain):
         return memit_A(K, C0[layer].to(K.dtype), hp.mom2_update_weight)
 
     return solve

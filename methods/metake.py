@@ -39,7 +39,7 @@ from harness.errors import UserError
 from harness.models import LoadedModel
 from methods import alignment, alphaedit, memit, rome
 from methods.base import EditOutcome, EditRequest
-from methods.keys import averaged_keys
+from methods.keys import averaged_keys, value_module
 from methods.locate import Solver, edit_batch, layer_statistics
 from methods.locate import prepare as prepare  # runner hook
 from methods.solvers import alphaedit_A, memit_A, rome_A
@@ -134,7 +134,7 @@ def refine(lm: LoadedModel, requests: Sequence[EditRequest], hp: Hparams, Z0: to
     layer = hp.proxy_layer if hp.proxy_layer is not None else hp.layers[-1]
     if problem.start is not None and problem.start["layer"] > layer:
         problem.skip_lower_layers(layer)  # the proxy's hook must run: start at or below it
-    K, _ = averaged_keys(lm, requests, templates, [layer])
+    K, _ = averaged_keys(lm, requests, templates, [layer], averaging=hp.key_averaging)
     A = proxy_A(lm, hp, layer, K[layer], P, state)  # (n, d_in) float64, held fixed
     S = A @ K[layer].double()  # (n, n): the solver's realisation on the edit keys
     z0n2 = Z0.norm(dim=0) ** 2
@@ -142,7 +142,7 @@ def refine(lm: LoadedModel, requests: Sequence[EditRequest], hp: Hparams, Z0: to
     V = V0.clone().requires_grad_(True)
     opt = torch.optim.Adam([V], lr=hp.outer_lr)
     A32 = A.float()
-    last_layer_name = lm.spec.value(hp.layers[-1])
+    last_layer_name = value_module(lm, hp.layers[-1], hp.value_site)
     grad0 = torch.zeros_like(V0)
     nll_first = nll_last = torch.full((len(requests),), float("nan"))
 

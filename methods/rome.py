@@ -1,43 +1,75 @@
 """ROME (Meng et al., "Locating and Editing Factual Associations in GPT", NeurIPS 2022).
 
-One edit at a time, one layer: key k (context-averaged), target v for the MLP output at the
-subject's last token, rank-one write Delta = (v - W k) (C0^-1 k)^T / (k^T C0^-1 k)
-(``methods.solvers.rome_A``), which realises v at k exactly. A batch of several requests is
-applied as consecutive single edits (ROME has no batch form).
+One edit at a time, one layer: target v for the value at the subject's last token, then the
+rank-one write
+
+    Delta = (v - z) u^T / (u^T k_d),   u = C0^-1 k_avg (``mom2_adjustment``) or k_avg,
+
+(``methods.solvers.rome_A_general``) with k_avg the key averaged over all context templates
+(the original ``compute_u``) and z the current value at the plain prompt. Switches, each with
+the published code's behaviour available exactly:
+
+* ``denominator_key``: ``plain`` (published ``compute_v``: k_d is the plain rewrite prompt's
+  key, so the write is exact there: W' k_plain = v) | ``averaged`` (k_d = k_avg, exact at the
+  averaged key; r-ROME's fix and the pre-issue-13 harness).
+* ``value_site``: ``mlp`` (published: v is optimised at, and clamped relative to, the MLP
+  output) | ``residual`` (the decoder layer's output).
+* ``mom2_adjustment``: whiten u by C0^-1 (published GPT-2 XL / GPT-J files) or not (the
+  published Llama-3-8B file).
+
+A batch of several requests is applied as consecutive single edits (ROME has no batch form).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+import torch
 
 from harness.errors import UserError
 from methods.base import EditOutcome, EditRequest
-from methods.locate import LocateHparams, Solver, edit_batch, layer_statistics
+from methods.locate import LocateHparams, Solver, _check_choice, edit_batch, layer_statistics
 from methods.locate import prepare as prepare  # runner hook
-from methods.solvers import rome_A
+from methods.solvers import rome_A_general
 
 NAME = "rome"
+DENOMINATOR_KEYS = ("plain", "averaged")
 
 
 @dataclass
 class Hparams(LocateHparams):
+    """Defaults: the published GPT-2 XL file's switches (see the module notes)."""
+
+    CONTEXT_BRACES: ClassVar[str] = ""  # ROME drops braces from generated prefixes
+
     layers: list[int] = field(default_factory=lambda: [6])
     clamp_norm_factor: float = 4.0
+    context_templates: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    key_averaging: str = "uniform"
+    value_site: str = "mlp"
+    denominator_key: str = "plain"
+    mom2_adjustment: bool = True
 
     def validate(self) -> None:
         super().validate()
         if len(self.layers) != 1:
             raise UserError(f"rome hparams: 'layers' must name one layer, got {self.layers}")
+        _check_choice("denominator_key", self.denominator_key, DENOMINATOR_KEYS)
 
 
-def solver_for(lm: Any, hp: Hparams) -> Solver:
-    C0, _, _ = layer_statistics(lm, hp, hp.layers)
+def solver_for(lm: Any, hp: LocateHparams) -> Solver:
+    """ROME's solver. ``hp`` may be another method's hparams (MetaKE's ROME control): the
+    ROME switches then take the pre-issue-13 harness values (C0-whitened, averaged key)."""
+    mom2 = getattr(hp, "mom2_adjustment", True)
+    den = getattr(hp, "denominator_key", "averaged")
+    C0 = layer_statistics(lm, hp, hp.layers)[0] if mom2 else None
 
-    def solve(layer: int, R, K):
+    def solve(layer: int, R: torch.Tensor, K: torch.Tensor, K_plain: torch.Tensor):
         if K.shape[1] != 1:
             raise ValueError("ROME writes one edit at a time")
-        return rome_A(K[:, 0], C0[layer].to(K.dtype))
+        k_d = K_plain[:, 0] if den == "plain" else K[:, 0]
+        return rome_A_general(K[:, 0], k_d, None if C0 is None else C0[layer].to(K.dtype))
 
     return solve
 

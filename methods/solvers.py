@@ -216,6 +216,37 @@ def rome_A(k: Tensor, C0: Tensor) -> Tensor:
     return u.mT / denom
 
 
+def rome_A_general(k_u: Tensor, k_d: Tensor, C0: Tensor | None = None) -> Tensor:
+    """ROME's A-matrix as the published code builds it: ``A = u^T / (u^T k_d)`` with
+    ``u = C0^-1 k_u`` (``mom2_adjustment``) or ``u = k_u`` (``C0`` None).
+
+    ``k_u`` ``(d_in,)``: the key that sets the update's direction (context-averaged in ROME's
+    ``compute_u``); ``k_d`` ``(d_in,)``: the key at which the write is exact, ``A k_d = 1``
+    (the plain rewrite prompt's key in ROME's ``compute_v``; ``k_d = k_u`` with ``C0`` gives
+    :func:`rome_A`). Returns ``A`` ``(1, d_in)``; ``Delta = r A``.
+    """
+    k_u = k_u[:, 0] if k_u.ndim == 2 and k_u.shape[1] == 1 else k_u
+    k_d = k_d[:, 0] if k_d.ndim == 2 and k_d.shape[1] == 1 else k_d
+    _check_shape(k_u, "k_u", 1)
+    _check_shape(k_d, "k_d", 1)
+    if k_d.shape != k_u.shape:
+        raise ValueError(f"k_u {tuple(k_u.shape)} and k_d {tuple(k_d.shape)} differ")
+    if C0 is None:
+        ku, kd = _prepare(k_u, k_d)
+        u = ku[:, None]
+    else:
+        _check_square(C0, "C0", k_u.shape[0])
+        ku, kd, C = _prepare(k_u, k_d, C0)
+        _check_finite(C, "C0")
+        u = _solve_spd(C, ku[:, None], "C0")  # (d_in, 1)
+    _check_finite(ku, "k_u")
+    _check_finite(kd, "k_d")
+    denom = (kd[None, :] @ u)[0, 0]
+    if not bool(denom.abs() > 0) or not bool(torch.isfinite(denom)):
+        raise NumericalError(f"u^T k_d = {denom.item():.3e} is not usable")
+    return u.mT / denom
+
+
 def rome_update(W: Tensor, C0: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """ROME rank-one update: ``Delta = (v - W k) (C0^-1 k)^T / (k^T C0^-1 k)``.
 

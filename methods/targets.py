@@ -12,7 +12,16 @@ makes the model produce o_i:
   "{s_i} is a" (essence drift), against the unedited model's;
 * the decay term follows the published implementation's formula |delta| / |z0|^2;
 * after every Adam step |delta_i| is clamped to ``clamp_norm_factor * |z0_i|`` where z0_i is
-  the unedited layer-l* output at the plain prompt's subject token.
+  the unedited value at the plain prompt's subject token;
+* the loop (``v_num_grad_steps = n``, the published code's): n iterations, each evaluates
+  the loss and stops the request once it is below ``stop_loss`` (5e-2); all but the last
+  iteration then take an Adam step, so at most n - 1 updates. ``v_steps = m`` (the
+  pre-issue-13 harness loop, ``tuned`` preset) instead takes exactly m updates (m iterations,
+  each stepping) and replaces ``v_num_grad_steps``.
+
+Where the value sits (``value_site``, :func:`methods.keys.value_module`): ``residual`` adds
+delta to the decoder layer's output (MEMIT/AlphaEdit ``compute_z``), ``mlp`` to the MLP
+output (ROME ``compute_v``); z0 and the clamp are read at the same module.
 
 All requests of a batch are optimised together in one forward/backward per step; rows of
 different requests never interact (each batch row holds one prompt), and a request whose loss
@@ -40,16 +49,21 @@ from harness.models import LoadedModel
 from harness.nethook import capture_outputs, edit_output, stop_after
 from harness.scoring import encode_pair, logits_at, unembed
 from methods.base import EditRequest
-from methods.keys import subject_site
+from methods.keys import subject_site, value_module
 
 
 @dataclass
 class TargetHparams:
     """Hyperparameters of the target step (names as in the published hparams files).
+    ``v_num_grad_steps``: the published loop (at most n - 1 Adam updates); ``v_steps``: when
+    set, the pre-issue-13 harness loop of exactly that many updates instead (module notes).
+    ``value_site``: ``residual`` | ``mlp``, where delta is added (module notes).
     ``prefix_cache`` and ``skip_lower_layers`` only change speed (see the module notes)."""
 
     v_lr: float = 0.5
-    v_steps: int = 25
+    v_num_grad_steps: int = 25
+    v_steps: int | None = None
+    value_site: str = "residual"
     v_weight_decay: float = 0.5
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 0.75
@@ -403,12 +417,13 @@ def add_at_sites(problem: TargetProblem, layer_name: str, delta: torch.Tensor
 
 
 @torch.inference_mode()
-def site_states(lm: LoadedModel, problem: TargetProblem, layer: int) -> torch.Tensor:
-    """(d_model, n) unedited value (``lm.spec.value(layer)``: the decoder layer's output, or the
-    rewrite module's where a norm follows it) at each request's plain-prompt site."""
+def site_states(lm: LoadedModel, problem: TargetProblem, layer: int,
+                value_site: str = "residual") -> torch.Tensor:
+    """(d_model, n) unedited value (:func:`methods.keys.value_module`) at each request's
+    plain-prompt site."""
     from harness.nethook import capture_outputs, stop_after
 
-    name = lm.spec.value(layer)
+    name = value_module(lm, layer, value_site)
     rows = problem.plain_rows
     with capture_outputs(lm.model, [name], clone=False) as outs, stop_after(lm.model, name):
         lm.model.base_model(input_ids=problem.input_ids[rows],
@@ -425,8 +440,9 @@ def compute_targets(lm: LoadedModel, requests: Sequence[EditRequest], layer: int
     Returns Z0 (d_model, n) unedited states, V = Z0 + delta (d_model, n), per-request info
     (initial/final NLL, steps, |delta|, whether clamped) and the problem (reused by MetaKE).
     """
+    site = hp.value_site
     problem = TargetProblem.build(lm, requests, templates, hp.kl_prompt)
-    z0 = site_states(lm, problem, layer)
+    z0 = site_states(lm, problem, layer, site)
     if hp.prefix_cache:
         problem.enable_prefix_cache()
         if hp.skip_lower_layers:
@@ -437,12 +453,14 @@ def compute_targets(lm: LoadedModel, requests: Sequence[EditRequest], layer: int
     max_norm = hp.clamp_norm_factor * z0.norm(dim=0)
     z0_sq = z0.norm(dim=0) ** 2
     frozen = torch.zeros(n, dtype=torch.bool, device=lm.device)
-    hooks = add_at_sites(problem, lm.spec.value(layer), delta)
+    hooks = add_at_sites(problem, value_module(lm, layer, site), delta)
+    legacy = hp.v_steps is not None
+    n_iter = hp.v_steps if legacy else hp.v_num_grad_steps
     first_nll = torch.full((n,), float("nan"))
     last_nll = first_nll.clone()
     steps = torch.zeros(n, dtype=torch.long)
     with torch.enable_grad():
-        for step in range(hp.v_steps):
+        for step in range(n_iter):
             nll, kl = problem.losses(hooks, active=None if step == 0 else ~frozen)
             loss = nll + hp.kl_factor * kl + hp.v_weight_decay * delta.norm(dim=1) / z0_sq
             if step == 0:
@@ -451,6 +469,8 @@ def compute_targets(lm: LoadedModel, requests: Sequence[EditRequest], layer: int
             frozen |= loss.detach() < hp.stop_loss
             if bool(frozen.all()):
                 break
+            if not legacy and step == n_iter - 1:
+                break  # the published loop's last iteration only evaluates
             steps += (~frozen).long().cpu()
             kept = delta.detach().clone()
             opt.zero_grad(set_to_none=True)

@@ -4,8 +4,11 @@
 
 Runs are grouped by (suite, model); within a group every run must share the design (suite,
 data file, case ids and order, batching: :func:`reports.load.check_comparable`), and runs
-compared case by case must also share model weights. Claims T1-T8 of ``docs/METAKE.md`` form
-one Holm family over all groups; the pairwise comparisons another.
+compared case by case must also share model weights and the preset (``config.preset``;
+"legacy" for runs from before presets): claims and pairwise comparisons run per preset, and
+every table names each method's preset. Claims T1-T8 of ``docs/METAKE.md`` form one Holm
+family over all groups and presets; the pairwise comparisons another. Runs with failed edits
+are flagged at the top of the report.
 """
 
 from __future__ import annotations
@@ -27,29 +30,40 @@ from reports.load import (
     check_comparable,
     load_runs,
     model_name_of,
+    preset_of,
     seed_of,
     suite_of,
 )
 
 METHODS_TEXT = """\
-* Means with 95% bootstrap CIs (`scipy.stats.bootstrap`, BCa, seeded; Efron 1987). The
-  resampled unit is the batch in sequential runs (a cluster bootstrap: the batch's edits share
-  one edited model; Davison & Hinkley 1997) when there are at least 10 batches, and otherwise
-  the case with all its seeds (with few clusters the cluster bootstrap's intervals are far too
-  narrow; Cameron, Gelbach & Miller 2008).
-* Paired comparisons by case over the seeds both methods share (a case's value: its mean over
-  those seeds): exact McNemar test for 0/1 outcomes (McNemar 1947; binomial test of the
-  discordant pairs), otherwise the Wilcoxon signed-rank test (Wilcoxon 1945) with the
-  matched-pairs rank-biserial correlation (Kerby 2014) and the Hodges-Lehmann shift (Hodges &
-  Lehmann 1963) with a bootstrap CI.
-* AUC = U/(n1 n2) from the Mann-Whitney U statistic with a stratified bootstrap CI (T1);
-  Spearman's rank correlation with a paired bootstrap CI (T4, T8), Theil-Sen slopes (Sen 1968);
-  non-inferiority by a one-sided t-test of the paired mean difference against -margin and a
-  one-sided bootstrap lower bound (T6).
-* Holm's step-down correction (Holm 1979): one family for all claim tests (all suites and
-  models), one for the pairwise table. A directional claim is supported when its Holm-adjusted
-  p < alpha and the effect has the claimed sign; a claim whose runs or diagnostics are missing
-  is reported as not testable, never dropped.
+* Inference unit: in sequential runs the batch (its edits share one edited model and one point
+  of the sequence; batch b holds the same cases in every seed), in batch mode the case. Seeds
+  are averaged per case before any case-level test. Every caption and claim row names its
+  unit and the number of clusters.
+* Means with 95% wild cluster bootstrap-t intervals (Cameron, Gelbach & Miller 2008; Webb's
+  six-point weights for few clusters, CR1 standard errors), seeded. With few batches the
+  interval widens; there is no fallback to resampling cases. Score (a harmonic mean): cluster
+  bootstrap with at least 10 clusters, else no interval.
+* Paired comparisons by case over the seeds both methods share: the mean difference with a
+  cluster sign-flip randomisation test (exact over all 2^G sign patterns for up to 12
+  clusters, Monte Carlo above; for 0/1 outcomes with the case as unit the exact McNemar test,
+  statsmodels) and a wild cluster bootstrap-t interval.
+* T1: AUC = U/(n1 n2), p-value by permuting cases within batches, jointly over seeds. T4: cases
+  matched on the baseline's outcome within batches; sign concordance of (baseline rho,
+  MetaKE outcome), sign-flip test over pairs (a ceiling cannot produce it). T6:
+  non-inferiority by a one-sided cluster sign-flip test against -margin. T7's negative
+  control: equivalence by two one-sided tests (TOST) with a stated margin. T8: Spearman of
+  per-batch means against the batch index, permutation p-value (batches are the units).
+* Every claim row states its minimum detectable effect at 80% power (alpha 0.05, unadjusted);
+  "not supported" with a large MDE means underpowered. Failed edits count as failures in the
+  success rates (intention to treat) and are counted (n_failed).
+* Holm's step-down correction (Holm 1979, statsmodels): one family for all claim tests (all
+  suites, models and presets), one for the pairwise table. A directional claim is supported
+  when its Holm-adjusted p < alpha and the effect has the claimed sign; data that contradicts
+  a claim gives "not supported"; a claim whose runs or diagnostics are missing is reported as
+  not testable, never dropped. The calibration of these tests (false support <= 0.08 at alpha
+  0.05 on simulated null studies; power on planted effects) is checked by
+  tests/test_calibration.py.
 """
 
 
@@ -62,8 +76,9 @@ def _runs_table(runs: Runs) -> pd.DataFrame:
     for rid, m in runs.manifests.items():
         cfg, data, git = m.get("config") or {}, m.get("data") or {}, m.get("git") or {}
         rows.append({
-            "run": rid, "method": arm_of(m), "suite": suite_of(m), "model": model_name_of(m),
-            "seed": seed_of(m), "cases": data.get("n_cases"),
+            "run": rid, "method": arm_of(m), "preset": preset_of(m), "suite": suite_of(m),
+            "model": model_name_of(m), "seed": seed_of(m), "cases": data.get("n_cases"),
+            "n_failed": int(runs.frame.loc[runs.frame["run_id"] == rid, "failed"].sum()),
             "batch": cfg.get("batch_size"),
             "mode": "sequential" if cfg.get("sequential") else "batch",
             "config hash": m.get("config_hash"), "data sha256": _short(data.get("sha256")),
@@ -72,6 +87,19 @@ def _runs_table(runs: Runs) -> pd.DataFrame:
             "git": _short(git.get("commit"), 8) + ("+dirty" if git.get("dirty") else ""),
         })
     return pd.DataFrame(rows)
+
+
+def _failure_lines(runs: Runs) -> list[str]:
+    """One warning line per run with failed edits (empty when none failed)."""
+    f = runs.frame
+    out = []
+    for rid, g in f[f["failed"].astype(bool)].groupby("run_id", sort=False):
+        errors = "; ".join(dict.fromkeys(str(e) for e in g["error"].dropna()))[:200]
+        out.append(f"- **{rid}** ({runs.arm_of(str(rid))}): {len(g)} of "
+                   f"{int((f['run_id'] == rid).sum())} edits failed ({errors or 'no message'}); "
+                   f"they count as failures in Eff/Gen and are missing from margins and "
+                   f"diagnostics")
+    return out
 
 
 def _data_lines(runs: Runs) -> list[str]:
@@ -172,14 +200,21 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
     for (suite, model), g in groups:
         section_lines += [f"### {suite} / {model}", ""]
         main = tables.main_table(g, n_resamples, seed)
-        for t in (main, tables.outcome_table(g, n_resamples, seed), tables.downstream_table(g)):
+        for t in (main, tables.outcome_table(g, n_resamples, seed),
+                  *tables.diagnostics_tables(g, n_resamples, seed),
+                  tables.downstream_table(g)):
             if t is not None:
                 section_lines += _table_block(t, tables.write_table(t, tdir), out)
         if main is None:
             section_lines += [f"_No usual metric of {suite} recorded._", ""]
-        claim_rows += claims_mod.run_claims(g, settings)
+        presets = g.presets()
+        for _, sub in presets:
+            claim_rows += claims_mod.run_claims(sub, settings)
         pair_rows += tables.pairwise_rows(g, baseline, min(n_resamples, 1000), seed)
-        figures += plots.figures_for(g, main, fdir, treatment, baseline, n_resamples, seed)
+        for preset, sub in presets:
+            figures += plots.figures_for(sub, main if len(presets) == 1 else None, fdir,
+                                         treatment, baseline, n_resamples, seed,
+                                         suffix="" if len(presets) == 1 else preset)
 
     pairwise = tables.pairwise_table(pair_rows, baseline, alpha)
     detail = claims_mod.finalise(claim_rows, alpha)
@@ -190,7 +225,9 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
     runs_tab = tables.Table("runs", "Runs compared.", _runs_table(runs), _runs_table(runs))
     runs_paths = tables.write_table(runs_tab, tdir)
 
-    arms = list(dict.fromkeys(runs.frame["arm"]))
+    arms = list(dict.fromkeys(tables.arm_label(a, p) for a, p in
+                              zip(runs.frame["arm"], runs.frame["preset"], strict=True)))
+    failures = _failure_lines(runs)
     lines = [
         "# Knowledge-editing report", "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %z')} by `keh report` from "
@@ -198,6 +235,8 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
         + ", ".join(f"{s} / {m}" for (s, m), _ in groups)
         + f". Baseline for comparisons: `{baseline}`; treatment for the claims: `{treatment}`; "
         f"alpha {alpha}; {n_resamples} bootstrap resamples, seed {seed}.", "",
+        *(["**Runs with failed edits** (intention to treat: failures in the success rates):",
+           "", *failures, ""] if failures else []),
         "## Runs", "", *_table_block(runs_tab, runs_paths, out),
         "## Data", "", *_data_lines(runs), "",
         "## Models", "", *_model_lines(runs), "",

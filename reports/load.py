@@ -5,10 +5,19 @@ sequential runs with checkpoints, ``curve.jsonl``. :func:`load_runs` reads any n
 refuses incomplete or inconsistent runs with a :class:`~harness.errors.UserError`, and returns a
 :class:`Runs`: the case frame, the manifests by run id and a tidy frame of curve checkpoints.
 
-Columns of :attr:`Runs.frame`: ``run_id, arm, method, solver, suite, model, model_sha256,
-data_sha256, seed, sequential, batch_size, case_index, case_id, batch, failed, error``, every
-scalar metric of the records (``efficacy_success``, ``efficacy_margin``, ...) and every per-edit
-diagnostic flattened as ``diag_<name>``. Raw log-probabilities are not loaded.
+Columns of :attr:`Runs.frame`: ``run_id, arm, preset, method, solver, suite, model,
+model_sha256, data_sha256, seed, sequential, batch_size, case_index, case_id, batch, failed,
+error``, every scalar metric of the records (``efficacy_success``, ``efficacy_margin``, ...) and
+every per-edit diagnostic flattened as ``diag_<name>``. Raw log-probabilities are not loaded.
+
+Failed edits (``failed: true``, no metrics) count as failures in the edit's own success rates
+(intention to treat): :data:`ITT_COLUMNS` are set to 0 for them, so no mean or paired test
+silently drops them. Their continuous outcomes, diagnostics and locality (the weights were
+restored, the edit never happened) stay missing; tables count them as ``n_failed``.
+
+The *preset* is the run's ``config.preset`` ("faithful" or "tuned"); manifests written before
+presets existed have none and are labelled ``"legacy"``. Runs of different presets are
+different arms: the report compares them only within a preset.
 
 The *arm* names what is compared: the method name, except that a ``metake`` run whose hparams
 choose a lower-level ``solver`` other than AlphaEdit becomes ``metake-<solver>`` (the same name
@@ -36,13 +45,17 @@ RECORDS = "records.jsonl"
 CURVE = "curve.jsonl"
 
 #: identity columns of the case frame (everything else is a metric or a diagnostic)
-ID_COLUMNS = ["run_id", "arm", "method", "solver", "suite", "model", "model_sha256",
-              "data_sha256", "seed", "sequential", "batch_size", "case_index", "case_id",
-              "batch", "failed", "error"]
+ID_COLUMNS = ["run_id", "arm", "preset", "method", "solver", "suite", "model",
+              "model_sha256", "data_sha256", "seed", "sequential", "batch_size",
+              "case_index", "case_id", "batch", "failed", "error"]
 #: record fields that are neither metrics nor loaded
 SKIP_FIELDS = {"logprobs", "diagnostics", "method", "suite", "model", "seed", "case_index",
                "case_id", "batch", "failed", "error"}
 DIAG_PREFIX = "diag_"
+#: success rates of the edit itself: 0 for a failed edit (intention to treat)
+ITT_COLUMNS = ("efficacy_success", "paraphrase_success", "efficacy_accuracy",
+               "paraphrase_accuracy")
+LEGACY_PRESET = "legacy"
 
 
 @dataclass
@@ -54,6 +67,8 @@ class Runs:
     dirs: dict[str, Path] = field(default_factory=dict)
     curves: pd.DataFrame = field(default_factory=pd.DataFrame)
     _arms: dict[str, pd.DataFrame] | None = field(default=None, repr=False, compare=False)
+    #: memo of derived tables (reports.claims.pair); the frame is never modified in place
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def run_ids(self) -> list[str]:
@@ -84,6 +99,13 @@ class Runs:
     def arm_of(self, run_id: str) -> str:
         return arm_of(self.manifests[run_id])
 
+    def presets(self) -> list[tuple[str, Runs]]:
+        """One :class:`Runs` per preset (the units compared case by case)."""
+        keys: dict[str, list[str]] = {}
+        for rid, m in self.manifests.items():
+            keys.setdefault(preset_of(m), []).append(rid)
+        return [(k, self.subset(v)) for k, v in keys.items()]
+
 
 # ---------------------------------------------------------------- manifest accessors
 def suite_of(m: Mapping[str, Any]) -> str:
@@ -110,6 +132,12 @@ def arm_of(m: Mapping[str, Any]) -> str:
     if method == "metake" and solver not in (None, "alphaedit"):
         return f"metake-{solver}"
     return method
+
+
+def preset_of(m: Mapping[str, Any]) -> str:
+    """``config.preset`` of a run; ``"legacy"`` for manifests from before presets."""
+    preset = (m.get("config") or {}).get("preset")
+    return LEGACY_PRESET if preset in (None, "") else str(preset)
 
 
 def seed_of(m: Mapping[str, Any]) -> int | None:
@@ -189,6 +217,14 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame, pd.Data
                         f"running or was interrupted; finish it (rerun the same `keh run` "
                         f"command) or leave it out of the report")
     records = _read_jsonl(run_dir / RECORDS)
+    return m, run_frame(m, records, run_dir), _load_curve(run_dir / CURVE, rid, arm_of(m))
+
+
+def run_frame(m: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
+              run_dir: str | Path = "(in memory)") -> pd.DataFrame:
+    """The case frame of one run from its manifest and records (what :func:`load_run` reads
+    from disk); a clear error for damaged runs."""
+    rid = str(m.get("run_id") or Path(run_dir).name)
     data = m.get("data") or {}
     case_ids = [str(c) for c in data.get("case_ids") or []]
     if case_ids and len(records) != len(case_ids):
@@ -197,7 +233,8 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame, pd.Data
     if not records:
         raise UserError(f"run {rid} ({run_dir}) has no records")
     cfg = m.get("config") or {}
-    ident = {"run_id": rid, "arm": arm_of(m), "method": method_of(m), "solver": solver_of(m),
+    ident = {"run_id": rid, "arm": arm_of(m), "preset": preset_of(m), "method": method_of(m),
+             "solver": solver_of(m),
              "suite": suite_of(m), "model": model_name_of(m),
              "model_sha256": (m.get("model") or {}).get("sha256"),
              "data_sha256": data.get("sha256"), "seed": seed_of(m),
@@ -222,14 +259,19 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame, pd.Data
             raise UserError(f"run {rid} ({run_dir}): the case ids of records.jsonl differ from "
                             f"the manifest's data.case_ids")
         frame = frame.set_index("case_id").loc[case_ids].reset_index()
-    return m, frame, _load_curve(run_dir / CURVE, rid, ident["arm"])
+    return frame
 
 
 def _load_curve(path: Path, run_id: str, arm: str) -> pd.DataFrame:
-    """Tidy checkpoints: run_id, arm, n_edits, batch, kind (downstream|probe), name, value, n."""
+    """Tidy checkpoints: run_id, arm, n_edits, edits_in_model, batch, kind
+    (downstream|probe), name, value, n. ``edits_in_model``: the edits the evaluated model
+    holds (batch mode: one batch), None in older checkpoints (see
+    :func:`reports.tables.downstream_table`)."""
     rows = []
     for point in _read_jsonl(path):
-        base = {"run_id": run_id, "arm": arm, "n_edits": point.get("n_edits_so_far"),
+        n_edits = point.get("n_edits_so_far")
+        base = {"run_id": run_id, "arm": arm, "n_edits": n_edits,
+                "edits_in_model": point.get("edits_in_model"),
                 "batch": point.get("batch")}
         for task, res in (point.get("downstream") or {}).items():
             res = res if isinstance(res, dict) else {"acc": res}
@@ -256,12 +298,32 @@ def load_runs(run_dirs: Iterable[str | Path]) -> Runs:
         frames.append(frame)
         if not curve.empty:
             curves.append(curve)
+    return combine(frames, manifests, where, curves)
+
+
+def combine(frames: Sequence[pd.DataFrame], manifests: dict[str, dict[str, Any]],
+            where: dict[str, Path] | None = None,
+            curves: Sequence[pd.DataFrame] = ()) -> Runs:
+    """One :class:`Runs` from per-run case frames (:func:`run_frame`): numeric metric
+    columns, failed edits scored by intention to treat."""
     frame = pd.concat(frames, ignore_index=True, sort=False)
     numeric = [c for c in frame.columns if c not in ID_COLUMNS]
     for c in numeric:  # metrics and diagnostics: floats, null -> NaN (never object columns)
         frame[c] = pd.to_numeric(frame[c], errors="coerce").astype(float)
-    curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
-    return Runs(frame, manifests, where, curve)
+    frame = intention_to_treat(frame)
+    curve = pd.concat(list(curves), ignore_index=True) if curves else pd.DataFrame()
+    return Runs(frame, manifests, dict(where or {}), curve)
+
+
+def intention_to_treat(frame: pd.DataFrame) -> pd.DataFrame:
+    """Failed edits score 0 in :data:`ITT_COLUMNS` (those the frame has)."""
+    failed = frame["failed"].astype(bool).to_numpy()
+    if failed.any():
+        frame = frame.copy()
+        for c in ITT_COLUMNS:
+            if c in frame.columns:
+                frame.loc[failed, c] = 0.0
+    return frame
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:

@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from reports import stats
 from reports.claims import PRIMARY, NotTestable, pair
 from reports.load import Runs
-from reports.tables import Table, pooled_accuracy, resampling_unit, slug
+from reports.tables import Table, main_table, pooled_accuracy, resampling_unit, slug
 
 DPI = 130
 LINESTYLES = ["-", "--", ":", "-."]
@@ -56,6 +56,9 @@ def _save(fig: MplFigure, directory: Path, name: str) -> Path:
 
 def _tag(runs: Runs) -> tuple[str, str, str]:
     suite, model = str(runs.frame["suite"].iloc[0]), str(runs.frame["model"].iloc[0])
+    suffix = runs.frame.attrs.get("figure_suffix", "")
+    if suffix:
+        return suite, f"{model} [{suffix}]", f"{slug(suite)}_{slug(model)}_{slug(suffix)}"
     return suite, model, f"{slug(suite)}_{slug(model)}"
 
 
@@ -100,7 +103,8 @@ def plot_metrics(runs: Runs, table: Table | None, directory: Path) -> Figure:
     ax.grid(axis="y", alpha=0.3)
     caption = (f"{suite} / {model}: efficacy, generalisation (paraphrases) and specificity "
                f"(neighbourhood/locality) per method, mean over cases and seeds in percent; "
-               f"error bars are 95% bootstrap CIs over {resampling_unit(runs.frame)}.")
+               f"error bars are 95% wild cluster bootstrap-t CIs over "
+               f"{resampling_unit(runs.frame)}.")
     return Figure(name, caption, _save(fig, directory, name))
 
 
@@ -156,8 +160,8 @@ def plot_curves(runs: Runs, kind: str, directory: Path) -> Figure:
     axes[0].legend(fontsize=8)
     if kind == "downstream":
         caption = (f"{suite} / {model}: downstream task accuracy against the number of edits "
-                   f"applied so far (sequential runs), pooled over seeds; bands are 95% "
-                   f"Wilson intervals.")
+                   f"applied so far (sequential runs), mean over seeds; bands are 95% "
+                   f"Wilson intervals on one run's examples.")
     else:
         caption = (f"{suite} / {model}: probe-set metrics (the run's first cases, re-evaluated "
                    f"at each checkpoint; rates in percent) against the number of edits applied "
@@ -229,9 +233,10 @@ def plot_gain_vs_rho(runs: Runs, treatment: str, baseline: str, directory: Path,
     ax.set_title(f"Spearman {r.rho:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}], n={r.n}", fontsize=9)
     ax.grid(alpha=0.3)
     caption = (f"{suite} / {model}: per-case gain of {treatment} over {baseline} in {out_col} "
-               f"against {baseline}'s realisation rho (mean over common seeds). T4 predicts "
-               f"larger gains at low rho (negative Spearman); here Spearman = {r.rho:+.2f}, "
-               f"95% CI [{r.lo:+.2f}, {r.hi:+.2f}], n = {r.n}.")
+               f"against {baseline}'s realisation rho (mean over common seeds); descriptive "
+               f"Spearman = {r.rho:+.2f}, case-bootstrap 95% CI [{r.lo:+.2f}, {r.hi:+.2f}], "
+               f"n = {r.n}. A ceiling on {treatment}'s outcome alone makes this negative; "
+               f"T4 therefore tests the relation at equal baseline outcome (claims table).")
     return Figure(name, caption, _save(fig, directory, name))
 
 
@@ -269,8 +274,13 @@ def plot_rho_by_batch(runs: Runs, directory: Path) -> Figure:
 
 
 def figures_for(runs: Runs, main: Table | None, directory: Path, treatment: str,
-                baseline: str, n_resamples: int = 2000, seed: int = 0) -> list[Figure]:
-    """Every figure of one (suite, model) group (skipped ones carry a note)."""
+                baseline: str, n_resamples: int = 2000, seed: int = 0,
+                suffix: str = "") -> list[Figure]:
+    """Every figure of one (suite, model) group of one preset (skipped ones carry a note);
+    ``suffix`` (the preset, where a group has several) tags file names and titles."""
+    runs.frame.attrs["figure_suffix"] = suffix
+    if main is None:
+        main = main_table(runs, min(n_resamples, 1000), seed)
     out = [plot_metrics(runs, main, directory),
            plot_curves(runs, "downstream", directory),
            plot_curves(runs, "probe", directory),

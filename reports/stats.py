@@ -6,8 +6,9 @@ Methods and references
   defined). A *cluster* bootstrap (Davison & Hinkley 1997, sec. 3.8) resamples whole groups
   (the batches of a sequential run, whose cases share one edited model) by bootstrapping the
   group indices with scipy and recomputing the statistic from per-group sums. It needs enough
-  groups (:data:`MIN_CLUSTERS`; Cameron, Gelbach & Miller 2008): the report's callers resample
-  cases when a run has fewer batches.
+  groups (:data:`MIN_CLUSTERS`; Cameron, Gelbach & Miller 2008): with fewer, the report gives
+  no such interval (never one over cases, which would be narrower). Means and paired
+  differences use the few-cluster methods of :mod:`reports.inference` instead.
 * Wilcoxon signed-rank test for paired continuous outcomes (Wilcoxon 1945),
   :func:`scipy.stats.wilcoxon` (zero differences dropped, Wilcoxon's convention).
 * Matched-pairs rank-biserial correlation, the simple difference formula (Kerby 2014):
@@ -19,7 +20,8 @@ Methods and references
   critical value).
 * McNemar's test for paired binary outcomes (McNemar 1947), exact form: a two-sided binomial
   test of the discordant pairs, :func:`scipy.stats.binomtest`.
-* Holm's step-down correction (Holm 1979), adjusted p-values.
+* Holm's step-down correction (Holm 1979), adjusted p-values
+  (:func:`statsmodels.stats.multitest.multipletests`).
 * AUC = U / (n1 n2) from the Mann-Whitney U statistic (Mann & Whitney 1947;
   Hanley & McNeil 1982), :func:`scipy.stats.mannwhitneyu`; CI by a stratified bootstrap.
 * Spearman's rank correlation (Spearman 1904), :func:`scipy.stats.spearmanr`, CI by a paired
@@ -67,8 +69,8 @@ __all__ = [
 
 DEFAULT_RESAMPLES = 2000
 CONFIDENCE = 0.95
-#: fewest groups for a cluster bootstrap: with fewer, its intervals are far too narrow
-#: (Cameron, Gelbach & Miller 2008); callers then resample cases instead
+#: fewest groups for a cluster (pairs) bootstrap: with fewer, its intervals are far too
+#: narrow (Cameron, Gelbach & Miller 2008); callers then give no interval
 MIN_CLUSTERS = 10
 
 
@@ -378,15 +380,15 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
     at level alpha iff p_adj(i) <= alpha (equivalently, step down until the first
     p(i) > alpha / (m - i + 1)).
     """
+    from statsmodels.stats.multitest import multipletests
+
     p = _as_float(pvalues)
     out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    m = ok.size
-    if m == 0:
-        return out
-    order = ok[np.argsort(p[ok], kind="stable")]
-    adjusted = np.minimum(1.0, (m - np.arange(m)) * p[order])
-    out[order] = np.maximum.accumulate(adjusted)
+    ok = np.isfinite(p)
+    if ok.sum() == 1:  # a family of one: p itself (statsmodels' Holm runs gc.collect())
+        out[ok] = np.minimum(p[ok], 1.0)
+    elif ok.any():
+        out[ok] = multipletests(p[ok], method="holm")[1]
     return out
 
 

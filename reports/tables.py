@@ -1,14 +1,20 @@
-"""Tables: per-suite main table (mean and 95% bootstrap CI per metric, the field's usual
-columns), outcome/diagnostic table, downstream table, pairwise comparisons; each written as
-Markdown, LaTeX (booktabs) and CSV.
+"""Tables: per-suite main table (mean and 95% CI per metric, the field's usual columns, and
+``n_failed``), outcome table, diagnostics tables (at most :data:`MAX_DIAG_COLUMNS` diagnostics
+each), downstream table, pairwise comparisons; each written as Markdown, LaTeX (booktabs) and
+CSV.
 
 Columns follow ROME/MEMIT/AlphaEdit: CounterFact ``Eff`` (efficacy success), ``Gen``
-(paraphrase success), ``Spe`` (neighbourhood success), ``Flu`` (generation n-gram entropy),
-``Consis`` (reference TF-IDF similarity) and ``Score`` (harmonic mean of Eff, Gen, Spe);
-zsRE ``Eff``, ``Gen``, ``Spe`` (token accuracies). Like ROME's ``summarize.py`` every one is
-multiplied by 100. CIs: bootstrap of the mean over cases and seeds (BCa, seeded), resampling
-whole batches in sequential runs (if at least ``stats.MIN_CLUSTERS``) and whole cases (all
-their seeds) otherwise.
+(paraphrase success), ``Spe`` (neighbourhood success), ``Flu`` (generation n-gram entropy,
+record field ``ngram_entropy``), ``Consis`` (TF-IDF similarity to reference texts, record field
+``reference_score``; missing, shown as "–", where the data has no reference texts, never 0)
+and ``Score`` (harmonic mean of Eff, Gen, Spe); zsRE ``Eff``, ``Gen``, ``Spe`` (token
+accuracies). Like ROME's ``summarize.py`` every one is multiplied by 100. Failed edits count
+as failures in Eff and Gen (intention to treat, :mod:`reports.load`).
+
+Every row names its method with its preset (``alphaedit [faithful]``; ``[legacy]`` for runs
+from before presets). CIs: wild cluster bootstrap-t (:func:`reports.inference.wild_cluster_ci`)
+over the design's inference unit: the batch in sequential runs (however few; no fallback to
+cases), the case with all its seeds in batch mode. The unit is named in every caption.
 """
 
 from __future__ import annotations
@@ -23,26 +29,31 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from reports import inference as inf
 from reports import stats
-from reports.claims import NotTestable, pair
+from reports.claims import NotTestable, holm, location_test, pair
 from reports.load import Runs, diagnostic_columns
 
 #: suite -> [(label, column)]; values are scaled by SCALE for display and tests
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "counterfact": [("Eff", "efficacy_success"), ("Gen", "paraphrase_success"),
-                    ("Spe", "neighborhood_success"), ("Flu", "fluency"),
-                    ("Consis", "consistency")],
+                    ("Spe", "neighborhood_success"), ("Flu", "ngram_entropy"),
+                    ("Consis", "reference_score")],
     "zsre": [("Eff", "efficacy_accuracy"), ("Gen", "paraphrase_accuracy"),
              ("Spe", "specificity_accuracy")],
 }
+#: shown whenever the first column (generation on) is, even without data (missing, not 0)
+TOGETHER = {"reference_score": "ngram_entropy"}
 SCORE: dict[str, tuple[str, ...]] = {"counterfact": ("Eff", "Gen", "Spe")}
-#: further outcomes shown in the outcome table (beside the diagnostics)
+#: further outcomes shown in the outcome table
 OUTCOMES: dict[str, list[tuple[str, str]]] = {
     "counterfact": [("Margin", "efficacy_margin"), ("EM", "efficacy_magnitude"),
                     ("PM", "paraphrase_magnitude"), ("NM", "neighborhood_magnitude")],
     "zsre": [("Spe agree", "specificity_unedited_agreement")],
 }
 UNSCALED = {"efficacy_margin"}
+#: diagnostics per table (beside method and runs): keeps every table readable
+MAX_DIAG_COLUMNS = 6
 
 
 def scale_of(column: str) -> float:
@@ -53,29 +64,40 @@ def scale_of(column: str) -> float:
 
 def columns_for(suite: str, frame: pd.DataFrame) -> list[tuple[str, str]]:
     """The main table's (label, column) pairs present in ``frame`` (unknown suites: every
-    ``*_success``/``*_accuracy`` column)."""
+    ``*_success``/``*_accuracy`` column); ``Consis`` appears with ``Flu`` even when missing."""
     spec = COLUMNS.get(suite)
     if spec is None:
         spec = [(c, c) for c in frame.columns if c.endswith(("_success", "_accuracy"))]
+
+    def has(col: str) -> bool:
+        return col in frame.columns and bool(frame[col].notna().any())
+
     return [(label, col) for label, col in spec
-            if col in frame.columns and frame[col].notna().any()]
+            if has(col) or (col in TOGETHER and has(TOGETHER[col]))]
 
 
 def cluster_labels(rows: pd.DataFrame) -> np.ndarray:
-    """Resampling units: the batch in sequential runs (the same cases in every seed) when
-    there are at least ``stats.MIN_CLUSTERS`` batches, else the case with all its seeds."""
+    """Inference units: the batch in sequential runs (the same cases in every seed), the
+    case with all its seeds in batch mode."""
     case = "c:" + rows["case_id"].astype(str).to_numpy(object)
     seq = rows["sequential"].to_numpy(bool)
-    if not seq.any() or rows.loc[seq, "batch"].nunique() < stats.MIN_CLUSTERS:
-        return case
     batch = "b:" + rows["batch"].astype(str).to_numpy(object)
     return np.where(seq, batch, case)
 
 
 def resampling_unit(frame: pd.DataFrame) -> str:
-    """'batches' or 'cases': what the bootstrap of :func:`cluster_labels` resamples."""
+    """The inference unit of :func:`cluster_labels`, in words, with the number of clusters."""
     labels = cluster_labels(frame)
-    return "batches" if any(str(x).startswith("b:") for x in labels) else "cases"
+    n_b = len({x for x in labels if str(x).startswith("b:")})
+    n_c = len({x for x in labels if str(x).startswith("c:")})
+    parts = ([f"batches ({n_b}; sequential runs)"] if n_b else []) + (
+        [f"cases ({n_c}; batch mode)"] if n_c else [])
+    return " and ".join(parts)
+
+
+def arm_label(arm: str, preset: Any) -> str:
+    """A method with its preset: ``alphaedit [tuned]``."""
+    return f"{arm} [{preset}]"
 
 
 def _hm(means: np.ndarray) -> np.ndarray:
@@ -119,116 +141,198 @@ def _digits(column: str) -> int:
     return 1 if scale_of(column) == 100.0 else 3
 
 
-def _arm_summary(rows: pd.DataFrame) -> dict[str, Any]:
-    seeds = sorted(rows["seed"].dropna().unique().tolist())
-    return {"method": rows["arm"].iloc[0], "runs": rows["run_id"].nunique(),
-            "seeds": ",".join(str(int(s)) for s in seeds), "cases": rows["case_id"].nunique()}
+def _arm_groups(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(label "arm [preset]", rows) per arm and preset, in frame order."""
+    preset = frame["preset"] if "preset" in frame else pd.Series("legacy", index=frame.index)
+    return [(arm_label(a, p), g) for (a, p), g in
+            frame.assign(preset=preset).groupby(["arm", "preset"], sort=False)]
+
+
+def _arm_summary(label: str, rows: pd.DataFrame, full: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"method": label, "runs": rows["run_id"].nunique()}
+    if full:
+        seeds = sorted(rows["seed"].dropna().unique().tolist())
+        out.update({"seeds": ",".join(str(int(s)) for s in seeds),
+                    "cases": rows["case_id"].nunique(),
+                    "n_failed": int(rows["failed"].astype(bool).sum())})
+    return out
+
+
+def _ci_cells(rows: pd.DataFrame, spec: Sequence[tuple[str, str]], groups: np.ndarray,
+              n_resamples: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    raw, disp = {}, {}
+    for label, col in spec:
+        if col not in rows.columns:
+            values = np.full(len(rows), np.nan)
+        else:
+            values = rows[col].to_numpy(float) * scale_of(col)
+        ci = inf.wild_cluster_ci(values, groups, n_draws=n_resamples, seed=seed)
+        lo = max(ci.lo, 0.0) if scale_of(col) == 100.0 and np.isfinite(ci.lo) else ci.lo
+        raw.update({label: ci.value, f"{label}_lo": lo, f"{label}_hi": ci.hi})
+        disp[label] = fmt_ci(ci.value, lo, ci.hi, _digits(col))
+    return raw, disp
 
 
 def main_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Table | None:
-    """Per arm: mean and 95% CI of each usual column (x100), plus Score for CounterFact."""
+    """Per arm and preset: mean and 95% CI of each usual column (x100), Score for
+    CounterFact, and the number of failed edits."""
     frame = runs.frame
     suite, model = str(frame["suite"].iloc[0]), str(frame["model"].iloc[0])
     spec = columns_for(suite, frame)
     if not spec:
         return None
     raw_rows, disp_rows = [], []
-    for _arm, rows in frame.groupby("arm", sort=False):
-        raw, disp = _arm_summary(rows), _arm_summary(rows)
+    for label, rows in _arm_groups(frame):
+        raw, disp = _arm_summary(label, rows), _arm_summary(label, rows)
         groups = cluster_labels(rows)
-        for label, col in spec:
-            ci = stats.bootstrap_mean_ci(rows[col] * scale_of(col), groups,
-                                         n_resamples=n_resamples, seed=seed)
-            raw.update({label: ci.value, f"{label}_lo": ci.lo, f"{label}_hi": ci.hi})
-            disp[label] = fmt_ci(ci.value, ci.lo, ci.hi, _digits(col))
+        r, d = _ci_cells(rows, spec, groups, n_resamples, seed)
+        raw.update(r)
+        disp.update(d)
         parts = [c for lab, c in spec if lab in SCORE.get(suite, ())]
         if len(parts) == len(SCORE.get(suite, ())) and parts:
             cols = rows[parts].to_numpy(float) * 100.0
-            ci = stats.cluster_bootstrap(cols, _hm, groups, n_resamples=n_resamples,
-                                         seed=seed)
+            if len(set(groups)) >= stats.MIN_CLUSTERS:
+                ci = stats.cluster_bootstrap(cols, _hm, groups, n_resamples=n_resamples,
+                                             seed=seed)
+            else:  # too few clusters for a bootstrap of a ratio: the point only
+                with np.errstate(invalid="ignore"):
+                    value = float(_hm(np.nanmean(cols, axis=0)))
+                ci = stats.MeanCI(value, math.nan, math.nan, len(cols), len(set(groups)),
+                                  "none")
             raw.update({"Score": ci.value, "Score_lo": ci.lo, "Score_hi": ci.hi})
             disp["Score"] = fmt_ci(ci.value, ci.lo, ci.hi, 1)
         raw_rows.append(raw)
         disp_rows.append(disp)
     labels = ", ".join(f"{lab} = {col}" for lab, col in spec)
-    caption = (f"{suite} / {model}: mean over cases and seeds with 95% bootstrap CI over "
-               f"{resampling_unit(frame)} (x100; "
-               f"{labels}" + ("; Score = harmonic mean of Eff, Gen, Spe" if suite in SCORE
-                              else "") + ").")
+    n_failed = int(frame["failed"].astype(bool).sum())
+    caption = (f"{suite} / {model}: mean over cases and seeds (x100; {labels}"
+               + ("; Score = harmonic mean of Eff, Gen, Spe, CI by a cluster bootstrap with "
+                  f">= {stats.MIN_CLUSTERS} clusters" if suite in SCORE else "")
+               + f") with 95% wild cluster bootstrap-t CI; inference unit: "
+               f"{resampling_unit(frame)}. Failed edits count as failures in Eff and Gen "
+               f"(intention to treat): n_failed = {n_failed}"
+               + (" (see the flagged runs)" if n_failed else "")
+               + "; '–': not recorded (Consis needs reference texts).")
     return Table(f"main_{slug(suite)}_{slug(model)}", caption, pd.DataFrame(raw_rows),
                  pd.DataFrame(disp_rows))
 
 
 def outcome_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Table | None:
-    """Per arm: further outcomes (margin, magnitudes) and the mean of every diagnostic."""
+    """Per arm and preset: further outcomes (margin, magnitudes)."""
     frame = runs.frame
     suite, model = str(frame["suite"].iloc[0]), str(frame["model"].iloc[0])
     spec = [(lab, c) for lab, c in OUTCOMES.get(suite, [])
             if c in frame.columns and frame[c].notna().any()]
-    spec += [(c.removeprefix("diag_"), c) for c in diagnostic_columns(frame)]
     if not spec:
         return None
     raw_rows, disp_rows = [], []
-    for _arm, rows in frame.groupby("arm", sort=False):
-        raw, disp = _arm_summary(rows), _arm_summary(rows)
-        groups = cluster_labels(rows)
-        for label, col in spec:
-            ci = stats.bootstrap_mean_ci(rows[col] * scale_of(col), groups,
-                                         n_resamples=n_resamples, seed=seed)
-            raw.update({label: ci.value, f"{label}_lo": ci.lo, f"{label}_hi": ci.hi})
-            disp[label] = fmt_ci(ci.value, ci.lo, ci.hi, _digits(col))
+    for label, rows in _arm_groups(frame):
+        raw, disp = _arm_summary(label, rows, False), _arm_summary(label, rows, False)
+        r, d = _ci_cells(rows, spec, cluster_labels(rows), n_resamples, seed)
+        raw.update(r)
+        disp.update(d)
         raw_rows.append(raw)
         disp_rows.append(disp)
-    caption = (f"{suite} / {model}: further outcomes (magnitudes x100, margin in log-prob "
-               f"units) and per-edit diagnostics, mean with 95% bootstrap CI; '–': not "
-               f"recorded by that method.")
+    caption = (f"{suite} / {model}: further outcomes ("
+               + ", ".join(f"{lab} = {c}" for lab, c in spec)
+               + "; magnitudes x100, margin in log-prob units), mean with 95% wild cluster "
+               f"bootstrap-t CI over {resampling_unit(frame)}; failed edits have none.")
     return Table(f"outcomes_{slug(suite)}_{slug(model)}", caption, pd.DataFrame(raw_rows),
                  pd.DataFrame(disp_rows))
 
 
+def diagnostics_tables(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> list[Table]:
+    """Per arm and preset: the mean of every per-edit diagnostic, at most
+    :data:`MAX_DIAG_COLUMNS` diagnostics per table."""
+    frame = runs.frame
+    suite, model = str(frame["suite"].iloc[0]), str(frame["model"].iloc[0])
+    cols = diagnostic_columns(frame)
+    chunks = [cols[i:i + MAX_DIAG_COLUMNS] for i in range(0, len(cols), MAX_DIAG_COLUMNS)]
+    out = []
+    for k, chunk in enumerate(chunks):
+        spec = [(c.removeprefix("diag_"), c) for c in chunk]
+        raw_rows, disp_rows = [], []
+        for label, rows in _arm_groups(frame):
+            raw, disp = _arm_summary(label, rows, False), _arm_summary(label, rows, False)
+            r, d = _ci_cells(rows, spec, cluster_labels(rows), n_resamples, seed)
+            raw.update(r)
+            disp.update(d)
+            raw_rows.append(raw)
+            disp_rows.append(disp)
+        part = f" (part {k + 1} of {len(chunks)})" if len(chunks) > 1 else ""
+        caption = (f"{suite} / {model}: per-edit diagnostics{part}, mean with 95% wild "
+                   f"cluster bootstrap-t CI over {resampling_unit(frame)}; '–': not recorded "
+                   f"by that method.")
+        name = f"diagnostics_{slug(suite)}_{slug(model)}" + (f"_{k + 1}" if k else "")
+        out.append(Table(name, caption, pd.DataFrame(raw_rows), pd.DataFrame(disp_rows)))
+    return out
+
+
+def _edits_label(rows: pd.DataFrame, runs: Runs) -> int:
+    """Edits the evaluated model holds at a checkpoint (batch mode: one batch)."""
+    if "edits_in_model" in rows and rows["edits_in_model"].notna().all():
+        return int(rows["edits_in_model"].iloc[0])
+    n_edits = int(rows["n_edits"].iloc[0])
+    m = runs.manifests.get(str(rows["run_id"].iloc[0])) or {}
+    cfg = m.get("config") or {}
+    if not cfg.get("sequential", True) and n_edits > 0 and cfg.get("batch_size"):
+        return min(n_edits, int(cfg["batch_size"]))
+    return n_edits
+
+
 def downstream_table(runs: Runs) -> Table | None:
-    """Downstream accuracy at the first and last checkpoint of each arm (curve.jsonl):
-    accuracy pooled over runs with a Wilson (1927) score interval (scipy ``binomtest``)."""
+    """Downstream accuracy at the first and last checkpoint of each arm (curve.jsonl): the
+    mean accuracy over runs with a Wilson (1927) interval on the examples of one run (the
+    same examples in every run; identical unedited scores are not pooled as if new data)."""
     c = runs.curves
     if c.empty or not (c["kind"] == "downstream").any():
         return None
     c = c[c["kind"] == "downstream"].dropna(subset=["value"])
+    presets = {rid: (runs.frame.loc[runs.frame["run_id"] == rid, "preset"].iloc[0]
+                     if "preset" in runs.frame else "legacy") for rid in c["run_id"].unique()}
+    c = c.assign(label=[arm_label(a, presets[r]) for a, r in zip(c["arm"], c["run_id"],
+                                                                  strict=True)])
     suite, model = str(runs.frame["suite"].iloc[0]), str(runs.frame["model"].iloc[0])
     raw_rows, disp_rows = [], []
-    for (arm, task), g in c.groupby(["arm", "name"], sort=False):
+    for (label, task), g in c.groupby(["label", "name"], sort=False):
         for where, n_edits in (("first", g["n_edits"].min()), ("last", g["n_edits"].max())):
             if where == "last" and n_edits == g["n_edits"].min():
                 continue
             pts = g[g["n_edits"] == n_edits]
             acc, lo, hi, n = pooled_accuracy(pts)
-            raw_rows.append({"method": arm, "task": task, "n_edits": n_edits,
-                             "runs": pts["run_id"].nunique(), "n": n, "acc": acc, "lo": lo,
-                             "hi": hi})
-            disp_rows.append({"method": arm, "task": task, "edits": int(n_edits),
-                              "runs": pts["run_id"].nunique(),
+            edits = _edits_label(pts, runs)
+            raw_rows.append({"method": label, "task": task, "n_edits": n_edits,
+                             "edits_in_model": edits, "runs": pts["run_id"].nunique(),
+                             "n": n, "acc": acc, "lo": lo, "hi": hi})
+            disp_rows.append({"method": label, "task": task, "edits in model": edits,
+                              "runs": pts["run_id"].nunique(), "examples": n,
                               "acc (%)": fmt_ci(100 * acc, 100 * lo, 100 * hi, 1)})
-    caption = (f"{suite} / {model}: downstream accuracy before/after the sequence of edits "
-               f"(first and last checkpoint), pooled over runs, 95% Wilson interval.")
+    caption = (f"{suite} / {model}: downstream accuracy at the first and last checkpoint; "
+               f"'edits in model': the edits the evaluated model holds (batch mode: one "
+               f"batch). Mean over runs; 95% Wilson interval on the examples of one run.")
     return Table(f"downstream_{slug(suite)}_{slug(model)}", caption, pd.DataFrame(raw_rows),
                  pd.DataFrame(disp_rows))
 
 
 def pooled_accuracy(points: pd.DataFrame) -> tuple[float, float, float, int]:
-    """(accuracy, Wilson lo, hi, n) pooling checkpoints' acc x n; without n, the mean acc."""
+    """(mean accuracy over runs, Wilson lo, hi, n examples of one run): the runs evaluate the
+    same examples, so their counts are not added up; without n, the mean and no interval."""
     n = pd.to_numeric(points["n"], errors="coerce")
     acc = points["value"].astype(float)
-    if n.notna().all() and n.sum() > 0:
-        k = round(float((acc * n).sum()))
-        total = int(n.sum())
+    mean = float(acc.mean())
+    if n.notna().all() and n.min() > 0:
+        total = int(n.min())
+        k = round(mean * total)
         ci = sps.binomtest(k, total).proportion_ci(confidence_level=0.95, method="wilson")
-        return k / total, float(ci.low), float(ci.high), total
-    return float(acc.mean()), math.nan, math.nan, 0
+        return mean, float(ci.low), float(ci.high), total
+    return mean, math.nan, math.nan, 0
 
 
 def pairwise_metrics(runs: Runs) -> list[tuple[str, str]]:
     """(label, column) compared pairwise: the main columns, the margin, rho and z-error."""
     suite = str(runs.frame["suite"].iloc[0])
-    spec = columns_for(suite, runs.frame)
+    spec = [(lab, c) for lab, c in columns_for(suite, runs.frame)
+            if runs.frame[c].notna().any()]
     extra = [("Margin", "efficacy_margin"), ("rho", "diag_rho"), ("z_error", "diag_z_error")]
     return spec + [(lab, c) for lab, c in extra
                    if c in runs.frame.columns and runs.frame[c].notna().any()]
@@ -236,34 +340,38 @@ def pairwise_metrics(runs: Runs) -> list[tuple[str, str]]:
 
 def pairwise_rows(runs: Runs, baseline: str, n_resamples: int = 1000,
                   seed: int = 0) -> list[dict[str, Any]]:
-    """Every arm against ``baseline`` (all pairs when the baseline is absent), per metric:
-    exact McNemar for 0/1 outcomes, else Wilcoxon signed-rank with the Hodges-Lehmann shift
-    and rank-biserial r; values in table units. Not Holm-adjusted here."""
-    suite, model = str(runs.frame["suite"].iloc[0]), str(runs.frame["model"].iloc[0])
-    arms = list(dict.fromkeys(runs.frame["arm"]))
-    if baseline in arms:
-        pairs = [(a, baseline) for a in arms if a != baseline]
-    else:
-        pairs = [(a, b) for i, a in enumerate(arms) for b in arms[i + 1:]]
+    """Every arm against ``baseline`` (all pairs when the baseline is absent), per metric
+    and preset (arms of different presets are not compared): mean paired difference with a
+    cluster sign-flip test (exact McNemar for 0/1 outcomes with the case as unit) and a wild
+    cluster bootstrap-t CI; values in table units. Not Holm-adjusted here."""
     out = []
-    for a, b in pairs:
-        for label, col in pairwise_metrics(runs):
-            base = {"suite": suite, "model": model, "method": a, "vs": b, "metric": label}
-            try:
-                pr = pair(runs, a, b, col)
-            except NotTestable as exc:
-                out.append({**base, "note": f"not testable: {exc}"})
-                continue
-            # tests on the raw values (0/1 for McNemar); every location scales linearly
-            res = stats.paired_test(pr.frame["x"], pr.frame["y"], pr.groups,
-                                    n_resamples=n_resamples, seed=seed)
-            k = scale_of(col)
-            out.append({**base, "n": res.n, "test": res.test, "mean_method": k * res.mean_x,
-                        "mean_vs": k * res.mean_y, "effect": k * res.effect,
-                        "ci_lo": k * res.effect_lo, "ci_hi": k * res.effect_hi,
-                        "effect_size": res.effect_size,
-                        "effect_size_name": res.effect_name, "p": res.p,
-                        "seeds": ",".join(map(str, pr.seeds)) or "pooled", "note": ""})
+    presets = runs.presets() if "preset" in runs.frame else [("legacy", runs)]
+    for preset, sub in presets:
+        suite, model = str(sub.frame["suite"].iloc[0]), str(sub.frame["model"].iloc[0])
+        arms = list(dict.fromkeys(sub.frame["arm"]))
+        if baseline in arms:
+            pairs = [(a, baseline) for a in arms if a != baseline]
+        else:
+            pairs = [(a, b) for i, a in enumerate(arms) for b in arms[i + 1:]]
+        for a, b in pairs:
+            for label, col in pairwise_metrics(sub):
+                base = {"suite": suite, "model": model, "preset": preset, "method": a,
+                        "vs": b, "metric": label}
+                try:
+                    pr = pair(sub, a, b, col)
+                except NotTestable as exc:
+                    out.append({**base, "note": f"not testable: {exc}"})
+                    continue
+                x, y = pr.frame["x"].to_numpy(float), pr.frame["y"].to_numpy(float)
+                res = location_test(x - y, pr.units, seed=seed, binary_pairs=(x, y))
+                k = scale_of(col)
+                out.append({**base, "n": res.n, "unit": pr.unit_name(), "test": res.test,
+                            "mean_method": k * float(np.mean(x)),
+                            "mean_vs": k * float(np.mean(y)), "effect": k * res.mean,
+                            "ci_lo": k * res.lo, "ci_hi": k * res.hi, "mde": k * res.mde,
+                            "p": res.p, "seeds": ",".join(map(str, pr.seeds)) or "pooled",
+                            "note": f"{pr.n_failed} cases with a failed edit"
+                            if pr.n_failed else ""})
     return out
 
 
@@ -273,56 +381,75 @@ def pairwise_table(rows: list[dict[str, Any]], baseline: str, alpha: float = 0.0
     if raw.empty:
         return Table("pairwise", "No pairwise comparison (a single method per group).", raw,
                      raw)
-    for c in ("n", "test", "mean_method", "mean_vs", "effect", "ci_lo", "ci_hi",
-              "effect_size", "effect_size_name", "p", "seeds"):
+    for c in ("n", "unit", "test", "mean_method", "mean_vs", "effect", "ci_lo", "ci_hi",
+              "mde", "p", "seeds"):
         if c not in raw.columns:
             raw[c] = np.nan
     raw["p"] = pd.to_numeric(raw["p"], errors="coerce").astype(float)
-    raw["p_holm"] = stats.holm(raw["p"].to_numpy())
+    raw["p_holm"] = holm(raw["p"].to_numpy())
     disp = pd.DataFrame({
         "suite / model": raw["suite"] + " / " + raw["model"],
-        "method": raw["method"], "vs": raw["vs"], "metric": raw["metric"],
-        "n": raw["n"].map(lambda v: "–" if pd.isna(v) else str(int(v))),
+        "method": [arm_label(m, p) for m, p in zip(raw["method"], raw["preset"], strict=True)],
+        "vs": raw["vs"], "metric": raw["metric"],
+        "unit (n)": [f"{u} (n={int(n)})" if pd.notna(n) else "–"
+                     for u, n in zip(raw["unit"], raw["n"], strict=True)],
         "means": [f"{_fmt(a, 2)} vs {_fmt(b, 2)}" if pd.notna(a) else "–"
                   for a, b in zip(raw["mean_method"], raw["mean_vs"], strict=True)],
-        "effect [95% CI]": [fmt_ci(e, lo, hi, 2) for e, lo, hi in
-                            zip(raw["effect"], raw["ci_lo"], raw["ci_hi"], strict=True)],
-        "effect size": [f"{n_} {_fmt(v, 2)}" if pd.notna(v) else "–" for v, n_ in
-                        zip(raw["effect_size"], raw["effect_size_name"], strict=True)],
-        "test": raw["test"].fillna("–"),
-        "seeds": raw["seeds"].fillna("–"),
+        "difference [95% CI]": [fmt_ci(e, lo, hi, 2) for e, lo, hi in
+                                zip(raw["effect"], raw["ci_lo"], raw["ci_hi"], strict=True)],
+        "MDE": raw["mde"].map(lambda v: _fmt(float(v), 2) if pd.notna(v) else "–"),
         "p": raw["p"].map(fmt_p), "p (Holm)": raw["p_holm"].map(fmt_p),
-        "note": raw["note"].fillna(""),
+        "note": [f"{t}; seeds {s}; {n}".strip("; ") if isinstance(t, str) else n
+                 for t, s, n in zip(raw["test"], raw["seeds"], raw["note"].fillna(""),
+                                    strict=True)],
     })
-    caption = (f"Paired comparisons (by case, over common seeds) against {baseline} (all "
-               f"pairs where it is absent). Effect: Hodges-Lehmann shift (Wilcoxon) or "
-               f"difference of proportions (exact McNemar), in table units (x100 for rates), "
-               f"95% bootstrap CI; effect size: matched-pairs rank-biserial r or (b-c)/(b+c); "
-               f"p two-sided, Holm-adjusted over this table (alpha {alpha}).")
+    caption = (f"Paired comparisons (by case, seeds averaged per case, within a preset) "
+               f"against {baseline} (all pairs where it is absent). Difference: mean of "
+               f"method - vs in table units (x100 for rates) with a 95% wild cluster "
+               f"bootstrap-t CI; p: cluster sign-flip randomisation test at the stated unit "
+               f"(exact McNemar for 0/1 outcomes with the case as unit), two-sided, "
+               f"Holm-adjusted over this table (alpha {alpha}); MDE: smallest difference "
+               f"detectable with 80% power at alpha (unadjusted).")
     return Table("pairwise", caption, raw, disp)
+
+
+def _fmt_mde(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return "∞ (cannot reach alpha)" if math.isinf(float(v)) else f"{float(v):.3g}"
 
 
 def claims_tables(detail: pd.DataFrame, summary: pd.DataFrame) -> tuple[Table, Table]:
     """Display tables of the claim verdicts (summary) and of every sub-test."""
-    sdisp = summary.rename(columns={"claim": "claim", "statement": "statement"})
+    sdisp = summary.copy()
     if detail.empty:
         return (Table("claims_summary", "Claims", summary, sdisp),
                 Table("claims", "Claim tests", detail, detail))
+    preset = detail["preset"] if "preset" in detail else pd.Series("legacy", index=detail.index)
     ddisp = pd.DataFrame({
-        "claim": detail["claim"], "suite / model": detail["suite"] + " / " + detail["model"],
+        "claim": detail["claim"],
+        "suite / model [preset]": detail["suite"] + " / " + detail["model"] + " ["
+        + preset.astype(str) + "]",
         "test": detail["test"], "statistic": detail["statistic"],
         "value [95% CI]": [fmt_ci(v, lo, hi, 3) for v, lo, hi in
                            zip(detail["value"], detail["ci_lo"], detail["ci_hi"],
                                strict=True)],
-        "n": detail["n"].map(lambda v: str(int(v)) if pd.notna(v) and v else "–"),
+        "unit (n)": [f"{u} (n={int(n)})" if isinstance(u, str) and u else "–"
+                     for u, n in zip(detail["unit"].fillna(""), detail["n"].fillna(0),
+                                     strict=True)],
+        "MDE (80%)": detail["mde"].map(_fmt_mde),
         "p": detail["p"].map(fmt_p), "p (Holm)": detail["p_holm"].map(fmt_p),
-        "verdict": detail["verdict"], "falsified if": detail["falsified_if"],
+        "verdict": detail["verdict"],
         "detail": detail["detail"].fillna(""),
     })
-    return (Table("claims_summary", "Verdicts of the claims of docs/METAKE.md (T1-T8).",
+    return (Table("claims_summary", "Verdicts of the claims of docs/METAKE.md (T1-T8), per "
+                  "suite, model and preset; each claim with what would falsify it.",
                   summary, sdisp),
-            Table("claims", "Every sub-test of T1-T8 with Holm-adjusted p-values (one family "
-                  "over all tests, models and suites).", detail, ddisp))
+            Table("claims", "Every sub-test of T1-T8 with its inference unit, the smallest "
+                  "effect it detects with 80% power at alpha 0.05 (MDE, in the statistic's "
+                  "units; a 'not supported' with a large MDE is underpowered, not evidence "
+                  "against the claim) and Holm-adjusted p-values (one family over all tests, "
+                  "models, suites and presets).", detail, ddisp))
 
 
 # ---------------------------------------------------------------- writers

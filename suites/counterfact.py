@@ -9,11 +9,19 @@ Formats:
 * KnowEdit ``counterfact-{edit,val}.json``: ``{case_id, prompt (subject written out), subject,
   target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth}``.
 
+Reference texts (consistency, :mod:`suites.fluency`): for canonical records, the Wikipedia
+snippets about the new object, ``attribute_snippets.json`` of the ROME data site
+(``[{relation_id, target_id, samples: [{name, text}]}]``), read from beside the data file (or
+its parent directory) when present: a case's references are the texts of
+(``relation_id``, ``target_new.id``), as ROME's ``AttributeSnippets``. KnowEdit records have no
+object ids, so no references (consistency is then None).
+
 Metric definitions: :mod:`suites.metrics`.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +52,46 @@ def template_from_prompt(path: Path, i: int, prompt: str, subject: str, field: s
     return _escape(prompt[:at]) + "{}" + _escape(prompt[at + len(subject):])
 
 
-def _parse_canonical(path: Path, i: int, rec: dict[str, Any]) -> EditRequest:
+SNIPPETS_FILE = "attribute_snippets.json"
+
+
+def find_snippets(path: Path) -> Path | None:
+    """``attribute_snippets.json`` beside the CounterFact file or in its parent directory."""
+    for d in (path.parent, path.parent.parent):
+        if (d / SNIPPETS_FILE).is_file():
+            return d / SNIPPETS_FILE
+    return None
+
+
+@lru_cache(maxsize=4)
+def _snippets(path: str) -> dict[tuple[str, str], tuple[str, ...]]:
+    out: dict[tuple[str, str], tuple[str, ...]] = {}
+    for i, rec in enumerate(read_json_records(Path(path))):
+        rid, tid = rec.get("relation_id"), rec.get("target_id")
+        samples = rec.get("samples")
+        if not isinstance(samples, list):
+            raise DataError(Path(path), "expected a list", i, "samples")
+        texts = tuple(s["text"] for s in samples if isinstance(s, dict)
+                      and isinstance(s.get("text"), str) and s["text"].strip())
+        key = (str(rid), str(tid))
+        out[key] = out.get(key, ()) + texts
+    return out
+
+
+def snippet_documents(path: str) -> list[str]:
+    """Every snippet text of an ``attribute_snippets.json`` (the corpus ROME fits its IDF on)."""
+    return [t for texts in _snippets(path).values() for t in texts]
+
+
+def _reference_texts(rw: dict[str, Any], snippets: Path | None) -> tuple[str, ...]:
+    new = rw.get("target_new")
+    if snippets is None or not isinstance(new, dict) or new.get("id") is None:
+        return ()
+    return _snippets(str(snippets)).get((str(rw.get("relation_id")), str(new["id"])), ())
+
+
+def _parse_canonical(path: Path, i: int, rec: dict[str, Any],
+                     snippets: Path | None = None) -> EditRequest:
     rw = rec["requested_rewrite"]
     if not isinstance(rw, dict):
         raise DataError(path, "expected an object", i, "requested_rewrite")
@@ -64,7 +111,9 @@ def _parse_canonical(path: Path, i: int, rec: dict[str, Any]) -> EditRequest:
         neighborhood_target=true,
         generation_prompts=tuple(rec.get("generation_prompts", ())),
         attribute_prompts=tuple(rec.get("attribute_prompts", ())),
-        extra={"relation_id": rw.get("relation_id")},
+        reference_texts=_reference_texts(rw, snippets),
+        extra={"relation_id": rw.get("relation_id"),
+               **({"reference_corpus": str(snippets)} if snippets is not None else {})},
     )
 
 
@@ -91,8 +140,9 @@ def load(path: str | Path) -> list[EditRequest]:
     path = Path(path)
     out = []
     seen: set[str] = set()
+    snippets = find_snippets(path)
     for i, rec in enumerate(read_json_records(path)):
-        req = _parse_canonical(path, i, rec) if "requested_rewrite" in rec \
+        req = _parse_canonical(path, i, rec, snippets) if "requested_rewrite" in rec \
             else _parse_knowedit(path, i, rec)
         if req.case_id in seen:
             raise DataError(path, f"duplicate case_id {req.case_id}", i, "case_id")
@@ -102,14 +152,17 @@ def load(path: str | Path) -> list[EditRequest]:
 
 
 def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
-             generation_tokens: int = 0) -> list[dict[str, Any]]:
+             generation_tokens: int = 0, decoding: str = "sample_top5_100",
+             seed: int = 0) -> list[dict[str, Any]]:
     """One record per request: ES/EM, PS/PM, NS/NM, the margin, and raw per-token log-probs.
 
     All (prompt, object) pairs of all requests go through :func:`score_targets` together.
     With ``generation_tokens > 0`` each record also gets the generation metrics of
-    :func:`suites.fluency.generation_metrics` (greedy generations of that many new tokens):
+    :func:`suites.fluency.generation_metrics` (``decoding``: ``sample_top5_100``, seeded by
+    ``seed`` and the case id, or ``greedy`` with ``generation_tokens`` new tokens):
     ``ngram_entropy`` (fluency), ``reference_score`` (consistency, None without reference
-    texts), ``generation_source``, ``generation_note`` and ``generations``.
+    texts), ``generation_source``, ``generation_decoding``, ``generation_note`` and
+    ``generations``.
     """
     prompts: list[str] = []
     targets: list[str] = []
@@ -156,7 +209,8 @@ def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
         records.append(rec)
     if generation_tokens > 0:
         for rec, gen in zip(records, fluency.generation_metrics(
-                lm, requests, generation_tokens, batch_size=min(batch_size, 16)), strict=True):
+                lm, requests, generation_tokens, batch_size=min(batch_size, 16),
+                decoding=decoding, seed=seed), strict=True):
             rec.update(gen)
     return records
 

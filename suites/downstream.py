@@ -82,6 +82,22 @@ def check_tasks(tasks: Sequence[str], data_dir: str | Path, num_fewshot: int) ->
                 f"downstream task {t!r} is not one of keh's offline tasks "
                 f"({', '.join(LOCAL_TASKS)}); lm-eval's built-in tasks download their data, "
                 f"which is off here ({'/'.join(_OFFLINE_VARS)} set)")
+    builtin = [t for t in tasks if t not in LOCAL_TASKS]
+    if builtin:
+        known = builtin_task_names()
+        unknown = [t for t in builtin if t not in known]
+        if unknown:
+            raise UserError(
+                f"--downstream: unknown task(s) {', '.join(unknown)}; keh's offline tasks are "
+                f"{', '.join(LOCAL_TASKS)}, other names must be lm-eval tasks "
+                f"(lm-eval ls tasks lists them)")
+
+
+def builtin_task_names() -> set[str]:
+    """Names of lm-eval's built-in tasks, groups and tags (indexing takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return set(TaskManager().all_tasks)
 
 
 def render_task_dir(data_dir: str | Path, out_dir: Path, datasets_cache: Path) -> Path:
@@ -202,18 +218,51 @@ def evaluate_unedited(lm, tasks: list[str], data_dir: str | Path, cache_dir: Pat
     key = unedited_cache_key(lm, tasks, data_dir, limit, num_fewshot, batch_size)
     if key is None or cache_dir is None:
         return evaluate_downstream(lm, tasks, data_dir, limit, num_fewshot, batch_size), None
-    path = cache_dir / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-                        + ".json")
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-            if stored.get("key") == key:
-                return stored["scores"], path
-        except (OSError, json.JSONDecodeError):
-            pass  # a damaged cache file is measured again and replaced
-    from harness.records import write_json
+    from harness.cachefiles import key_lock
 
-    scores = evaluate_downstream(lm, tasks, data_dir, limit, num_fewshot, batch_size)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    path = cache_dir / (name + ".json")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"key": key, "scores": scores})
+    with key_lock(cache_dir / ".locks", [name]):  # a concurrent run with the same key measures once
+        scores = read_cache(path, key)
+        if scores is not None:
+            return scores, path
+        scores = evaluate_downstream(lm, tasks, data_dir, limit, num_fewshot, batch_size)
+        write_cache(path, key, scores)
     return scores, path
+
+
+def write_cache(path: Path, key: dict[str, Any], scores: dict[str, Any]) -> None:
+    """Atomically write a cache file ``{key, scores, sha256}``; ``sha256`` is the content hash
+    of ``{key, scores}`` (:func:`harness.cachefiles.content_sha256`)."""
+    from harness.cachefiles import atomic_write_text, content_sha256
+
+    body = {"key": key, "scores": scores}
+    atomic_write_text(path, json.dumps({**body, "sha256": content_sha256(body)}, indent=2,
+                                       sort_keys=True) + "\n")
+
+
+def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The scores of a cache file for ``key``, or None if absent, of another key, or damaged
+    (unreadable, or its content hash does not match: warned, then measured again)."""
+    import warnings
+
+    from harness.cachefiles import content_sha256
+
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        body = {"key": stored["key"], "scores": stored["scores"]}
+        intact = stored.get("sha256") == content_sha256(body)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        warnings.warn(f"ignoring damaged downstream cache file {path} ({exc}); measuring "
+                      f"again", stacklevel=3)
+        return None
+    if not intact:
+        why = ("has no content hash (an older keh wrote it)" if "sha256" not in stored
+               else "its content hash does not match (modified or damaged)")
+        warnings.warn(f"ignoring downstream cache file {path}: {why}; measuring again",
+                      stacklevel=3)
+        return None
+    return body["scores"] if body["key"] == key else None

@@ -10,13 +10,24 @@ Request built from a record:
 * ``prompt`` = ``src`` with the subject replaced by ``{}``; the answer follows the question
   after a space (:func:`harness.scoring.encode_pair`), e.g. ``"What is the product made by
   UniFirst? unmanned aircraft"``.
-* ``target_new`` = ``alt`` (the counterfactual convention of AlphaEdit and EasyEdit; the original
-  ROME/MEMIT loader wrote ``answers[0]``, i.e. corrected the MEND base model's errors);
-  ``target_true`` = ``answers[0]``. 17 of the 1000 MEND records have ``alt == answers[0]``;
-  they are kept (the records say ``target_new_equals_true``), not rejected. Records whose
-  ``alt`` is an empty string (2 of the 1000: MEND found no alternative answer) have nothing to
-  edit towards and are skipped, as EasyEdit's loader does; ``case_id`` is the record's index in
-  the file, so skipping shifts no ids.
+* ``target_new`` by the ``target`` option (:data:`TARGETS`, recorded in the manifest as the
+  run config's ``zsre_target``):
+
+  - ``answers0`` (default): ``answers[0]``, as the ROME/MEMIT/AlphaEdit code
+    (``dsets/zsre.py``: ``target_new = answers[0]``) that produced the papers' zsRE tables;
+    their evaluation (``eval_utils_zsre.py``) scores the rewrite and paraphrase prompts against
+    that same target and the neighbourhood against ``loc_ans``, as here. The original sets no
+    meaningful ``target_true`` (``"<|endoftext|>"``); here it is ``pred`` (the MEND base
+    model's answer, the left side of the record's ``cond``), which only the
+    ``efficacy_margin`` uses; 571 of the 1000 MEND records have ``pred == answers[0]`` (the
+    records say ``target_new_equals_true``). No record is skipped.
+  - ``alt``: ``alt`` (EasyEdit's counterfactual convention), ``target_true`` =
+    ``answers[0]``. 17 of the 1000 MEND records have ``alt == answers[0]``; they are kept
+    (``target_new_equals_true``). Records whose ``alt`` is an empty string (2 of the 1000:
+    MEND found no alternative answer) have nothing to edit towards and are skipped, as
+    EasyEdit's loader does.
+
+  ``case_id`` is the record's index in the file, so skipping shifts no ids.
 * ``paraphrase_prompts`` = ``(rephrase,)``.
 * ``neighborhood_prompts`` = ``(loc + "?",)`` with ``neighborhood_target`` = ``loc_ans`` (MEMIT
   appends ``"?"`` to the Natural Questions prompt ``"nq question: ..."``).
@@ -43,7 +54,7 @@ from typing import Any
 
 import torch
 
-from harness.errors import DataError
+from harness.errors import DataError, UserError
 from harness.scoring import score_targets
 from methods.base import EditRequest
 from suites import metrics
@@ -51,6 +62,10 @@ from suites.counterfact import template_from_prompt
 from suites.data import read_json_records, require_str
 
 NAME = "zsre"
+#: values of the ``target`` option (``RunConfig.zsre_target``); the first is the default
+TARGETS = ("answers0", "alt")
+#: ``load`` keyword -> RunConfig field, for :func:`suites.load_kwargs`
+LOAD_OPTIONS = {"target": "zsre_target"}
 DEFAULT_FILES = ["zsre/zsre_mend_eval.json", "zsre/zsre-mend-1k.json", "zsre_mend_eval.json"]
 CANONICAL_URL = "https://rome.baulab.info/data/dsets/zsre_mend_eval.json"
 
@@ -81,12 +96,29 @@ def locality_prompt(loc: str) -> str:
     return loc if loc.rstrip().endswith("?") else loc + "?"
 
 
-def parse_record(path: Path, i: int, rec: dict[str, Any]) -> EditRequest:
-    """One validated :class:`EditRequest` from a MEND-format record (errors name the field)."""
+def check_target(target: str) -> str:
+    """``target`` if it is one of :data:`TARGETS`, else a one-line UserError."""
+    if target not in TARGETS:
+        raise UserError(f"zsre target {target!r} is not one of {', '.join(TARGETS)} "
+                        f"(--zsre-target)")
+    return target
+
+
+def parse_record(path: Path, i: int, rec: dict[str, Any], target: str = "answers0"
+                 ) -> EditRequest:
+    """One validated :class:`EditRequest` from a MEND-format record (errors name the field);
+    ``target`` picks ``target_new`` (see the module docstring)."""
+    check_target(target)
     subject = require_str(path, rec, i, "subject")
     src = require_str(path, rec, i, "src")
-    new = require_str(path, rec, i, "alt")
-    true = _answers(path, i, rec)[0]
+    answer = _answers(path, i, rec)[0]
+    if target == "alt":
+        new, true = require_str(path, rec, i, "alt"), answer
+    else:
+        pred = rec.get("pred")
+        fallback = rec.get("alt") if isinstance(rec.get("alt"), str) else None
+        true = pred if isinstance(pred, str) and pred.strip() else (fallback or answer)
+        new = answer
     rephrase = require_str(path, rec, i, "rephrase")
     loc = require_str(path, rec, i, "loc")
     loc_ans = require_str(path, rec, i, "loc_ans")
@@ -107,16 +139,19 @@ def has_empty_alt(rec: dict[str, Any]) -> bool:
     return isinstance(rec.get("alt"), str) and not rec["alt"].strip()
 
 
-def load(path: str | Path, skip_empty_alt: bool = True) -> list[EditRequest]:
-    """Validated requests from a MEND-format zsRE file (JSON list or JSON lines); records with
-    an empty ``alt`` are skipped unless ``skip_empty_alt`` is False (then they are errors)."""
+def load(path: str | Path, skip_empty_alt: bool = True, target: str = "answers0"
+         ) -> list[EditRequest]:
+    """Validated requests from a MEND-format zsRE file (JSON list or JSON lines), with
+    ``target_new`` by ``target`` (:data:`TARGETS`); with ``target="alt"`` records with an
+    empty ``alt`` are skipped unless ``skip_empty_alt`` is False (then they are errors)."""
+    check_target(target)
     path = Path(path)
     out = []
     seen: set[str] = set()
     for i, rec in enumerate(read_json_records(path)):
-        if skip_empty_alt and has_empty_alt(rec):
+        if target == "alt" and skip_empty_alt and has_empty_alt(rec):
             continue
-        req = parse_record(path, i, rec)
+        req = parse_record(path, i, rec, target)
         if req.case_id in seen:
             raise DataError(path, f"duplicate case_id {req.case_id}", i, "case_id")
         seen.add(req.case_id)

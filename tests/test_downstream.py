@@ -167,9 +167,9 @@ def test_unedited_scores_are_measured_once_per_key(tmp_path, tiny_lm, shared_dat
     stored = json.loads(pa.read_text())
     assert stored["scores"] == a and stored["key"]["limit"] == 4
     assert stored["key"]["model_sha256"] == tiny_lm.sha256
-    # the second call reads the file: a planted value comes back
+    # the second call reads the file: a planted value (with its content hash) comes back
     stored["scores"]["sst2"]["acc"] = 0.123
-    pa.write_text(json.dumps(stored))
+    downstream.write_cache(pa, stored["key"], stored["scores"])
     b, pb = downstream.evaluate_unedited(tiny_lm, ["sst2"], shared_data, cache, limit=4)
     assert pb == pa and b["sst2"]["acc"] == 0.123
     # another limit is another key, measured afresh
@@ -177,7 +177,8 @@ def test_unedited_scores_are_measured_once_per_key(tmp_path, tiny_lm, shared_dat
     assert pc != pa and c["sst2"]["n"] == 5
     # a damaged file is measured again
     pa.write_text("{")
-    d, _ = downstream.evaluate_unedited(tiny_lm, ["sst2"], shared_data, cache, limit=4)
+    with pytest.warns(UserWarning, match="damaged downstream cache file"):
+        d, _ = downstream.evaluate_unedited(tiny_lm, ["sst2"], shared_data, cache, limit=4)
     assert d == a
     # built-in lm-eval tasks (data fetched online, may change) are never cached
     assert downstream.unedited_cache_key(tiny_lm, ["hellaswag"], shared_data, 4, 0, 8) is None

@@ -132,3 +132,107 @@ def test_counterfact_evaluate_with_generation(tiny_lm):
     summary = counterfact.summarize([rec])
     assert summary["ngram_entropy"] == pytest.approx(rec["ngram_entropy"])
     assert "reference_score" not in summary
+
+
+# --- NLTK words, sampled decoding, consistency against references ------------------------------
+
+
+def test_words_follow_nltk_word_tokenize():
+    # Treebank rules per Punkt sentence: contractions split, quotes as `` '', every period of a
+    # sentence end its own token (NLTKWordTokenizer alone would keep "go." together)
+    assert fluency.word_tokens('He didn\'t go. She said "yes" at 5 today.') == [
+        "He", "did", "n't", "go", ".", "She", "said", "``", "yes", "''", "at", "5", "today",
+        "."]
+    # the documented difference: untrained Punkt ends a sentence at "p.m." (the English model
+    # knows the abbreviation and word_tokenize keeps "p.m." whole)
+    assert fluency.word_tokens("at 5 p.m. today.")[2:4] == ["p.m", "."]
+
+
+def _sampled_no_cache(lm, prompt, seed, max_out_len, top_k=5):
+    """Reference: one prompt, no padding, no KV cache, the same uniforms and inverse CDF."""
+    ids = lm.tokenizer(prompt)["input_ids"]
+    u = torch.rand(max(0, max_out_len - len(ids)), generator=torch.Generator().manual_seed(seed),
+                   dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(len(u)):
+            probs = torch.softmax(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].double(),
+                                  dim=-1)
+            top_p, top_i = probs.topk(top_k)
+            cdf = (top_p / top_p.sum()).cumsum(0)
+            ids.append(int(top_i[min(int((cdf < u[t]).sum()), top_k - 1)]))
+    return fluency.clean_sampled_text(lm.tokenizer.decode(ids, skip_special_tokens=False)), ids
+
+
+def test_sampled_generation_matches_unbatched_reference(tiny_lm):
+    prompts = ["The Eiffel Tower is located in the city of", "Paris",
+               "Danielle Darrieux speaks the language"]
+    seeds = [fluency.prompt_seed(0, "7", j) for j in range(3)]
+    batched = fluency.generate_sampled(tiny_lm, prompts, seeds, max_out_len=14, batch_size=3)
+    for p, s, text in zip(prompts, seeds, batched, strict=True):
+        ref, ids = _sampled_no_cache(tiny_lm, p, s, 14)
+        assert text == ref and len(ids) == 14  # 14 tokens in total, prompt included
+    single = [fluency.generate_sampled(tiny_lm, [p], [s], max_out_len=14)[0]
+              for p, s in zip(prompts, seeds, strict=True)]
+    assert single == batched  # a text does not depend on its batch
+    other = fluency.generate_sampled(tiny_lm, prompts, [s + 1 for s in seeds], max_out_len=14)
+    assert other != batched
+    greedy = fluency.generate_greedy(tiny_lm, prompts, max_new_tokens=14 - 1)
+    assert [p + g for p, g in zip(prompts, greedy, strict=True)] != batched
+    assert fluency.prompt_seed(0, "7", 1) != fluency.prompt_seed(1, "7", 1)
+
+
+def test_decoding_option_and_seeded_metrics(tiny_lm):
+    req = EditRequest(case_id="3", prompt="{} is located in", subject="Eiffel Tower",
+                      target_new="Rome", target_true="Paris",
+                      generation_prompts=("The Eiffel Tower is", "People visit"))
+    (a,) = fluency.generation_metrics(tiny_lm, [req], max_new_tokens=4, seed=0)
+    (b,) = fluency.generation_metrics(tiny_lm, [req], max_new_tokens=4, seed=0)
+    (c,) = fluency.generation_metrics(tiny_lm, [req], max_new_tokens=4, decoding="greedy")
+    assert a == b and a["generation_decoding"] == "sample_top5_100"
+    assert c["generation_decoding"] == "greedy" and c["generations"] != a["generations"]
+    assert all(g.startswith(p) for g, p in zip(c["generations"], req.generation_prompts,
+                                                 strict=True))
+    assert a["ngram_entropy"] == pytest.approx(fluency.mean_ngram_entropy(a["generations"]))
+    assert a["reference_score"] is None  # no reference texts: missing, not 0
+    with pytest.raises(ValueError, match="is not one of sample_top5_100, greedy"):
+        fluency.generation_metrics(tiny_lm, [req], max_new_tokens=4, decoding="beam")
+
+
+def test_consistency_uses_a_fitted_idf_not_the_case_texts():
+    idf = fluency.fit_idf(["Paris is in France", "Rome is in Italy", "Italy and France",
+                           "music of Paris"])
+    gens, refs = ["Paris and Rome"], ["Rome is in Italy"]
+    got = fluency.consistency(gens, refs, idf)
+    assert got == pytest.approx(fluency.cosine(fluency.tfidf_vector(gens[0], idf),
+                                               fluency.tfidf_vector(refs[0], idf)))
+    assert got != pytest.approx(fluency.consistency(gens, refs))  # own-texts IDF differs
+    assert fluency.consistency(gens, [], idf) is None
+
+
+def test_canonical_counterfact_reference_texts_and_idf(tmp_path, tiny_lm):
+    import json
+
+    cf = [{"case_id": 0, "requested_rewrite": {
+        "prompt": "{} is located in", "subject": "Eiffel Tower", "relation_id": "P17",
+        "target_new": {"str": "Italy", "id": "Q38"}, "target_true": {"str": "France",
+                                                                    "id": "Q142"}},
+        "paraphrase_prompts": ["The Eiffel Tower is in"],
+        "neighborhood_prompts": ["The Louvre is in"], "attribute_prompts": [],
+        "generation_prompts": ["The Eiffel Tower is"]}]
+    snips = [{"relation_id": "P17", "target_id": "Q38",
+              "samples": [{"name": "Rome", "text": "Rome is the capital of Italy."},
+                          {"name": "Milan", "text": "Milan is a city in Italy."}]},
+             {"relation_id": "P17", "target_id": "Q142",
+              "samples": [{"name": "Lyon", "text": "Lyon is a city in France."}]}]
+    (tmp_path / "counterfact.json").write_text(json.dumps(cf))
+    (tmp_path / "attribute_snippets.json").write_text(json.dumps(snips))
+    (req,) = counterfact.load(tmp_path / "counterfact.json")
+    assert req.reference_texts == ("Rome is the capital of Italy.", "Milan is a city in Italy.")
+    (rec,) = counterfact.evaluate(tiny_lm, [req], generation_tokens=1, seed=0)
+    idf = fluency.fit_idf(["Rome is the capital of Italy.", "Milan is a city in Italy.",
+                           "Lyon is a city in France."])
+    assert rec["reference_score"] == pytest.approx(
+        fluency.consistency(rec["generations"], req.reference_texts, idf))
+    (tmp_path / "attribute_snippets.json").unlink()
+    (bare,) = counterfact.load(tmp_path / "counterfact.json")
+    assert bare.reference_texts == ()

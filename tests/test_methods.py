@@ -9,6 +9,7 @@ import torch
 from methods import get_method
 from methods.base import hparams_from_dict
 from methods.keys import averaged_keys, context_templates, split_template, subject_site
+from methods.locate import templates_for
 from suites.counterfact import load
 
 # the random model has tiny hidden states (|z0| ~ 0.25): free the target from clamp and decay
@@ -97,10 +98,10 @@ def test_alphaedit_state_accumulates_and_protects_earlier_keys(tiny_lm, corpus, 
     # threshold 1e9: P = I, so protection comes from the accumulated keys alone
     snap = _snapshot(tiny_lm, [2])
     try:
-        templates = context_templates(tiny_lm, hp.n_context, hp.context_length)
+        templates = templates_for(tiny_lm, hp)
         s1 = mod.edit(tiny_lm, requests_[:2], hp, {}).state
         assert set(s1) == {"prev_cov.2"}
-        K1, _ = averaged_keys(tiny_lm, requests_[:2], templates, [2])
+        K1, _ = averaged_keys(tiny_lm, requests_[:2], templates, [2], averaging=hp.key_averaging)
         w1 = tiny_lm.rewrite_weight(2).clone()
         s2 = mod.edit(tiny_lm, requests_[2:4], hp, s1).state
         d2 = tiny_lm.rewrite_weight(2) - w1

@@ -172,3 +172,73 @@ def test_noninferiority():
     assert not bad.noninferior and bad.p > 0.5
     same = stats.noninferiority(base, base, margin=1.0)  # zero variance
     assert same.p == 0.0 and same.noninferior
+
+
+# ---------------------------------------------------------------- reports.inference
+from reports import inference as inf  # noqa: E402
+
+
+def test_sign_flip_exact_p_by_enumeration():
+    # 3 clusters with totals 1, 2, 3: of the 8 sign patterns, |T| >= 6 for (+++) and (---)
+    values = [0.5, 0.5, 2.0, 1.0, 2.0]
+    clusters = ["a", "a", "b", "c", "c"]
+    res = inf.sign_flip_test(values, clusters)
+    assert res.method == "exact" and res.n_clusters == 3 and res.n == 5
+    assert res.p == pytest.approx(2 / 8) and res.mean == pytest.approx(6 / 5)
+    assert inf.sign_flip_test(values, clusters, alternative="greater").p == pytest.approx(1 / 8)
+    assert inf.min_p(3) == pytest.approx(2 / 8) and inf.min_p(4, "greater") == 1 / 16
+
+
+def test_sign_flip_on_binary_differences_is_the_exact_mcnemar_binomial():
+    d = np.array([1.0] * 9 + [-1.0] * 2 + [0.0] * 5)  # b = 9, c = 2, one case per cluster
+    ref = sps.binomtest(9, 11, 0.5).pvalue
+    res = inf.sign_flip_test(d, np.arange(d.size))  # 16 clusters: Monte Carlo
+    assert res.p == pytest.approx(ref, abs=0.01)
+
+
+def test_few_clusters_cannot_reach_alpha_and_mde_says_so():
+    rng = np.random.default_rng(1)
+    d = rng.normal(5.0, 1.0, 40)  # a large effect in 4 clusters
+    clusters = np.arange(40) // 10
+    res = inf.sign_flip_test(d, clusters)
+    assert res.p == pytest.approx(2 / 16)
+    assert inf.mde(res.se, 4, exact_min_p=inf.min_p(4)) == np.inf
+
+
+def test_wild_cluster_interval_widens_as_clusters_get_fewer():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 1, 120) + np.repeat(rng.normal(0, 1, 12), 10)  # strong batch effects
+    twelve = inf.wild_cluster_ci(x, np.arange(120) // 10, seed=0)
+    cases = inf.wild_cluster_ci(x, None, seed=0)
+    assert twelve.hi - twelve.lo > 1.5 * (cases.hi - cases.lo)  # clustering is not ignored
+    assert twelve.lo < x.mean() < twelve.hi and twelve.n_clusters == 12
+    few = inf.wild_cluster_ci(x[:20], np.arange(20) // 10)
+    assert np.isnan(few.lo) and "needs 3" in few.method
+
+
+def test_permutation_spearman_exact_for_few_points():
+    y = [5.0, 4.0, 3.0, 2.0, 1.0]
+    res = inf.permutation_spearman(y, np.arange(5))
+    assert res.statistic == pytest.approx(-1.0) and res.method == "exact permutation"
+    assert res.p == pytest.approx(2 / 120)
+
+
+def test_stratified_auc_keeps_between_stratum_association_in_the_null():
+    # scores and outcomes both shifted by stratum, unrelated within strata
+    rng = np.random.default_rng(4)
+    strata = np.repeat(np.arange(10), 10)
+    effect = rng.normal(0, 2, 10)[strata]
+    scores = (effect + rng.normal(0, 0.3, 100))[None, :]
+    positive = ((effect + rng.normal(0, 0.3, 100)) > 0)[None, :]
+    res = inf.stratified_auc_test(scores, positive, strata, n_draws=499, seed=0)
+    assert res.statistic > 0.7 and res.p > 0.05  # a pooled AUC, but no within-batch signal
+
+
+def test_matched_pairs_pair_neighbours_within_strata():
+    strata = [0, 0, 0, 0, 1, 1]
+    match = [1.0, 3.0, 2.0, 4.0, 0.0, 1.0]
+    x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    y = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    signs, prods = inf.matched_pair_products(strata, match, x, y)
+    # pairs: (case 0, case 2), (case 1, case 3), (case 4, case 5): x and y always discordant
+    assert list(signs) == [-1.0, -1.0, -1.0] and np.all(prods < 0)

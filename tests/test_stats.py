@@ -254,3 +254,183 @@ def test_smollm2_stats_shape_and_psd(smollm2, shared_data, tmp_path, monkeypatch
         torch.testing.assert_close(C0[layer], C0[layer].T)
         evals = torch.linalg.eigvalsh(C0[layer].double())
         assert evals.min() >= -1e-6 * evals.max()
+
+
+# ---------------------------------------------------------------------------------------------
+# Records modes (the original's sampling)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wiki(tmp_path, monkeypatch):
+    """A WikiText-like file: 5 articles of varied length with section headings and blanks."""
+    monkeypatch.setenv("KEH_CACHE", str(tmp_path / "cache"))
+    words = ["lobster", "Atlantic", "river", "castle", "1850", "music", "the", "of", "and", ","]
+    parts = [" \n"]
+    for a in range(5):
+        parts += [f" = Article {a} = \n", " \n"]
+        for p in range(1 + a):
+            parts.append(" " + " ".join(words[(a * 5 + p * 3 + j) % len(words)]
+                                        for j in range(6 + 7 * p + a)) + " . \n")
+            parts.append(" \n")
+            if p == 1:
+                parts += [" = = Section = = \n", " \n"]
+    path = tmp_path / "wiki.txt"
+    path.write_text("".join(parts), encoding="utf-8")
+    return path
+
+
+def _direct_records_C0(lm, layer, texts):
+    """Reference: each record alone (tokenised with special tokens, no padding), every position
+    a sample; sum k k^T over all positions of all records / count, in float64."""
+    keys = []
+    module = lm.model.get_submodule(lm.spec.rewrite(layer))
+    h = module.register_forward_pre_hook(lambda _m, args: keys.append(args[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = lm.tokenizer(text, truncation=True,
+                                   max_length=stats.context_length(lm.model.config))["input_ids"]
+                lm.model.base_model(input_ids=torch.tensor([ids]))
+    finally:
+        h.remove()
+    K = torch.cat([k[0] for k in keys]).double()
+    return (K.T @ K / K.shape[0]).float(), K.shape[0]
+
+
+def test_split_articles_and_lines(wiki):
+    src = stats.resolve_corpus(wiki)
+    arts = stats.corpus_records(src, "records")
+    assert len(arts) == 5
+    assert arts[0].startswith(" = Article 0 = \n") and arts[0].endswith(" . \n")
+    assert " = = Section = = \n" in arts[3] and arts[3].count(" = Article") == 1
+    lines = stats.corpus_records(src, "lines")
+    assert all(line.strip() for line in lines)
+    assert len(lines) == 5 + 15 + 4  # titles, paragraphs, section headings
+    assert stats.split_articles(["text before\n", " = T = \n", "body\n", " \n"]) == \
+        ["text before\n", " = T = \nbody\n"]
+
+
+@pytest.mark.parametrize("unit", ["records", "lines"])
+def test_records_c0_matches_direct_computation(tiny_lm, wiki, unit):
+    res = stats.second_moment_stats(tiny_lm, [1, 3], wiki, sampling=unit, n_records=1000,
+                                    batch_tokens=64, show_progress=False)
+    texts = stats.corpus_records(stats.resolve_corpus(wiki), unit)
+    for layer in (1, 3):
+        ref, count = _direct_records_C0(tiny_lm, layer, texts)
+        assert int(res.meta[layer]["n_tokens"]) == count
+        err = (res.C0[layer] - ref).abs().max() / ref.abs().max()
+        assert err < 1e-5, (layer, err)
+    prov = res.provenance()["1"]
+    assert prov["sampling"] == unit and prov["n_records"] == len(texts)
+    assert prov["n_records_requested"] == 1000 and prov["n_records_available"] == len(texts)
+
+
+def test_records_subset_is_the_originals_and_warns_when_short(tiny_lm, wiki):
+    import random
+
+    idx = list(range(24))
+    random.Random(1).shuffle(idx)
+    assert stats.select_records(24, 5) == sorted(idx[:5])
+    assert stats.select_records(24, 30) == list(range(24))
+    with pytest.raises(UserError, match="stats_records must be at least 1"):
+        stats.select_records(24, 0)
+    src = stats.resolve_corpus(wiki)
+    got = stats.tokenize_records(tiny_lm.tokenizer, src, 3, 10_000, "lines")
+    assert got.indices == stats.select_records(24, 3) and got.n_records == 3
+    with pytest.warns(UserWarning, match="has only 5 records"):
+        got = stats.tokenize_records(tiny_lm.tokenizer, src, 100, 10_000, "records")
+    assert got.n_records == 5
+    short = stats.tokenize_records(tiny_lm.tokenizer, src, 5, 7, "records")
+    assert max(r.numel() for r in short.records) == 7  # truncated to the context length
+
+
+def test_records_batches_pad_and_mask():
+    recs = [torch.arange(n) + 1 for n in (3, 7, 5, 2, 7)]
+    tr = stats.TokenRecords(records=recs, max_len=8, n_available=5, indices=list(range(5)),
+                            unit="records")
+    batches = list(tr.batches(14))
+    assert [tuple(b.shape) for b, _ in batches] == [(2, 7), (2, 5), (1, 2)]
+    assert sum(int(k.sum()) for _, k in batches) == tr.n_tokens == 24
+    ids, keep = batches[1]
+    assert keep.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    assert ids[1, 3:].tolist() == [0, 0]
+
+
+def test_sampling_modes_have_different_keys_and_files(tiny_lm, wiki):
+    a = stats.second_moment_stats(tiny_lm, [1], wiki, n_tokens=300, seq_len=32,
+                                  show_progress=False)
+    b = stats.second_moment_stats(tiny_lm, [1], wiki, sampling="records", n_records=5,
+                                  show_progress=False)
+    c = stats.second_moment_stats(tiny_lm, [1], wiki, sampling="lines", n_records=5,
+                                  show_progress=False)
+    d = stats.second_moment_stats(tiny_lm, [1], wiki, sampling="records", n_records=3,
+                                  show_progress=False)
+    assert len({a.keys[1], b.keys[1], c.keys[1], d.keys[1]}) == 4
+    assert not torch.equal(b.C0[1], d.C0[1])
+    # more records than exist: the count used (5) is the key, so it is a cache hit
+    e = stats.second_moment_stats(tiny_lm, [1], wiki, sampling="records", n_records=10**5,
+                                  show_progress=False)
+    assert e.keys[1] == b.keys[1] and e.computed == []
+    assert stats.stats_provenance(tiny_lm, [1], wiki, sampling="records",
+                                  n_records=5)["1"]["sampling"] == "records"
+    with pytest.raises(UserError, match=r"stats_sampling 'docs' is not one of records, lines, "
+                                        r"tokens"):
+        stats.second_moment_stats(tiny_lm, [1], wiki, sampling="docs", show_progress=False)
+
+
+def test_context_length_rule():
+    from types import SimpleNamespace as NS
+
+    assert stats.context_length(NS(n_positions=1024, model_type="gpt2")) == 1024
+    assert stats.context_length(NS(max_position_embeddings=8192, model_type="llama")) == 8192
+    assert stats.context_length(NS(max_position_embeddings=32768, model_type="mistral",
+                                   sliding_window=None)) == 4096
+    assert stats.context_length(NS(max_position_embeddings=32768, model_type="qwen2")) == 4096
+
+
+def test_c0_command_line(tiny_lm, wiki, tmp_path, monkeypatch, capsys):
+    out, recs = tmp_path / "c0.safetensors", tmp_path / "records.json"
+    rc = stats.main(["--model", "random:llama-tiny", "--layers", "1,2", "--records", "3",
+                     "--corpus", str(wiki), "--out", str(out), "--records-out", str(recs)],
+                    lm=tiny_lm)
+    assert rc == 0
+    with safe_open(str(out), framework="pt", device="cpu") as f:
+        assert set(f.keys()) == {"C0.1", "C0.2"}
+        prov = json.loads(f.metadata()["provenance"])
+        c1 = f.get_tensor("C0.1")
+    assert prov["1"]["n_records"] == 3 and prov["1"]["sampling"] == "records"
+    texts = json.loads(recs.read_text())["texts"]
+    ref, _ = _direct_records_C0(tiny_lm, 1, texts)
+    assert ((c1 - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert stats.main(["--layers", "1", "--sampling", "bad", "--corpus", str(wiki)]) == 2
+    assert "is not one of" in capsys.readouterr().out
+
+
+def test_records_count_the_bos_position(tiny_lm, wiki):
+    class BosTokenizer:
+        """SmolLM2's tokenizer, adding BOS (id 1) like Llama 3's: the original counts it."""
+
+        def __call__(self, text, add_special_tokens=True, **kw):
+            out = tiny_lm.tokenizer(text, add_special_tokens=False, **kw)
+            out["input_ids"] = [[1, *ids] for ids in out["input_ids"]]
+            return out
+
+    src = stats.resolve_corpus(wiki)
+    plain = stats.tokenize_records(tiny_lm.tokenizer, src, 5, 10_000)
+    bos = stats.tokenize_records(BosTokenizer(), src, 5, 10_000)
+    assert all(int(r[0]) == 1 for r in bos.records)
+    assert bos.n_tokens == plain.n_tokens + 5  # one sample more per record
+
+
+def test_hparams_check_the_sampling_fields():
+    from methods import memit
+    from methods.base import hparams_from_dict
+
+    hp = hparams_from_dict(memit.Hparams, {"stats_sampling": "records", "stats_records": 200})
+    hp.validate()
+    assert (hp.stats_sampling, hp.stats_records) == ("records", 200)
+    for bad, match in (({"stats_sampling": "docs"}, "stats_sampling"),
+                       ({"stats_records": 0}, "stats_records")):
+        with pytest.raises(UserError, match=match):
+            hparams_from_dict(memit.Hparams, bad).validate()

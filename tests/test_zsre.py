@@ -8,7 +8,7 @@ import torch
 
 from harness import records as rec_io
 from harness.config import RunConfig
-from harness.errors import DataError
+from harness.errors import DataError, UserError
 from harness.runner import run
 from harness.scoring import score_targets
 from suites import get_suite, zsre
@@ -63,7 +63,7 @@ def test_summarize_in_percent():
 
 
 def test_record_to_request(tmp_path):
-    (req,) = zsre.load(_write(tmp_path, [RECORD]))
+    (req,) = zsre.load(_write(tmp_path, [RECORD]), target="alt")
     assert req.prompt == "What is the product made by {}?"
     assert req.rewrite_prompt == RECORD["src"]
     assert req.target_new == "unmanned aircraft" and req.target_true == "uniform"
@@ -73,22 +73,45 @@ def test_record_to_request(tmp_path):
     assert req.case_id == "0"
 
 
+def test_target_option_picks_the_field(tmp_path):
+    """answers0 (default; the ROME/MEMIT/AlphaEdit loader): target_new = answers[0], the MEND
+    model's pred as the contrast; alt (EasyEdit): target_new = alt, target_true = answers[0]."""
+    rec = dict(RECORD, pred="uniforms", answers=["uniform", "workwear"])
+    (default,) = zsre.load(_write(tmp_path, [rec]))
+    assert default.target_new == "uniform" and default.target_true == "uniforms"
+    (alt,) = zsre.load(_write(tmp_path, [rec]), target="alt")
+    assert alt.target_new == "unmanned aircraft" and alt.target_true == "uniform"
+    for req in (default, alt):  # everything but the targets is the same
+        assert req.paraphrase_prompts == (RECORD["rephrase"],)
+        assert req.neighborhood_target == "Walter Sobchak"
+    assert zsre.TARGETS[0] == "answers0"
+    with pytest.raises(UserError, match="zsre target 'pred' is not one of answers0, alt"):
+        zsre.load(_write(tmp_path, [rec]), target="pred")
+
+
 def test_registered_and_shared_file_loads(shared_data):
     suite = get_suite("zsre")
     assert suite is zsre
-    reqs = zsre.load(shared_data / "zsre" / "zsre-mend-1k.json")
+    path = shared_data / "zsre" / "zsre-mend-1k.json"
+    reqs = zsre.load(path, target="alt")
     assert len(reqs) == 998  # two records have an empty "alt" and are skipped
     assert "534" not in {r.case_id for r in reqs} and reqs[534].case_id == "535"
     assert all("{}" in r.prompt for r in reqs)
     assert sum(r.extra["target_new_equals_true"] for r in reqs) == 17
+    reqs = zsre.load(path)  # answers0: every record is an edit towards its answer
+    assert len(reqs) == 1000 and reqs[534].case_id == "534"
+    assert sum(r.extra["target_new_equals_true"] for r in reqs) == 571  # pred == answers[0]
+    raw = json.loads(path.read_text())
+    assert all(r.target_new == raw[i]["answers"][0] for i, r in enumerate(reqs))
 
 
 def test_empty_alt_skipped_or_rejected(tmp_path):
     path = _write(tmp_path, [RECORD, dict(RECORD, alt=""), RECORD])
-    assert [r.case_id for r in zsre.load(path)] == ["0", "2"]
+    assert [r.case_id for r in zsre.load(path, target="alt")] == ["0", "2"]
     with pytest.raises(DataError) as err:
-        zsre.load(path, skip_empty_alt=False)
+        zsre.load(path, skip_empty_alt=False, target="alt")
     assert err.value.index == 1 and err.value.field == "alt"
+    assert [r.case_id for r in zsre.load(path)] == ["0", "1", "2"]  # answers0 needs no alt
 
 
 @pytest.mark.parametrize(("change", "field"), [
@@ -112,11 +135,12 @@ def test_malformed_records_name_file_record_and_field(tmp_path, change, field):
         else:
             bad[k] = v
     path = _write(tmp_path, [RECORD, bad])
+    target = "alt" if field == "alt" else "answers0"  # alt is read only with target=alt
     if field is None:
         assert len(zsre.load(path)) == 2
         return
     with pytest.raises(DataError) as err:
-        zsre.load(path)
+        zsre.load(path, target=target)
     assert err.value.index == 1 and err.value.field == field
     assert str(path) in str(err.value) and "record 1" in str(err.value)
 
@@ -137,7 +161,7 @@ def _requests(tmp_path):
                          rephrase="Which constellation holds Delta Serpentis?", alt="Virgo",
                          answers=["Serpens"], loc="nq question: who wrote the raven",
                          loc_ans="Edgar Allan Poe")]
-    return zsre.load(_write(tmp_path, recs))
+    return zsre.load(_write(tmp_path, recs), target="alt")  # multi-token targets
 
 
 def test_evaluate_matches_teacher_forced_scoring(tmp_path, tiny_lm):
@@ -187,3 +211,20 @@ def test_runner_computes_reference_before_edits(tmp_path, tiny_lm, shared_data):
     assert manifest["summary"]["specificity_unedited_agreement"] == 100.0
     assert manifest["timings"]["reference_s"] > 0
     assert not (run_dir / "curve.jsonl").exists()  # no downstream, no eval_every
+
+
+def test_runner_passes_and_records_the_target(tmp_path, tiny_lm, shared_data):
+    out = {}
+    for target in ("answers0", "alt"):
+        cfg = RunConfig(model="random:llama-tiny", method="noop", suite="zsre", n_edits=2,
+                        device="cpu", out_dir=str(tmp_path), zsre_target=target)
+        run_dir = run(cfg, lm=tiny_lm, log=lambda s: None)
+        manifest = json.loads((run_dir / rec_io.MANIFEST).read_text())
+        assert manifest["config"]["zsre_target"] == target
+        out[target] = [r["logprob_new"] for r in rec_io.read_records(run_dir / rec_io.RECORDS)]
+    raw = json.loads((shared_data / "zsre" / "zsre-mend-1k.json").read_text())[:2]
+    expect = score_targets(tiny_lm, [r["src"] for r in raw], [r["answers"][0] for r in raw])
+    assert out["answers0"] == pytest.approx([float(lp.mean()) for lp in expect.logprobs])
+    assert out["answers0"] != pytest.approx(out["alt"])
+    with pytest.raises(UserError, match="--zsre-target must be one of answers0, alt"):
+        RunConfig(suite="zsre", zsre_target="answers").validate()

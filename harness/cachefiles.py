@@ -1,0 +1,142 @@
+"""Files that must never be half-written or used by two processes at once.
+
+* :func:`atomic_write_bytes` / :func:`atomic_write_text`: a unique temporary file beside the
+  target, fsync, ``os.replace``, fsync of the directory; a crash (or a full disk) leaves the
+  old file or the new one, never a mixture, and never an empty file where a digest was.
+* :func:`run_lock`: an exclusive, non-blocking ``fcntl.flock`` on ``<run_dir>/.lock`` held for
+  the life of a run or a resume; a second process gets a :class:`~harness.errors.UserError`.
+* :func:`key_lock`: a blocking ``flock`` per cache key (``<lock_dir>/<key>.lock``): two
+  processes that need the same cache entry compute it once; the second waits, then reads it.
+* :func:`content_sha256` / :func:`tensors_sha256`: content hashes stored inside cache files and
+  checked on read, so a file altered with its header intact is detected (and recomputed).
+
+The lock is released by the kernel when the process dies (``flock`` belongs to the open file),
+so a killed run never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+
+LOCK_NAME = ".lock"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(text: str) -> bool:
+    """Whether ``text`` is a lowercase hex SHA-256 digest (64 characters)."""
+    return bool(_SHA256.fullmatch(text))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing (unique temp file, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def content_sha256(value: Any) -> str:
+    """SHA-256 of the canonical JSON of ``value`` (sorted keys, no whitespace)."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def tensors_sha256(tensors: Mapping[str, Any]) -> str:
+    """SHA-256 over the names, dtypes, shapes and raw bytes of ``tensors`` (sorted by name);
+    the tensors are read on the CPU, contiguous."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _flock(path: Path, blocking: bool) -> Iterator[bool]:
+    """Hold an exclusive flock on ``path`` (created if absent); yields False when
+    ``blocking`` is off and another open file holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass  # the pid is a courtesy for the error message; the lock is what counts
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive lock on the run directory ``run_dir`` for the ``with`` body; if another process
+    holds it, a one-line :class:`UserError` (no waiting)."""
+    path = Path(run_dir) / LOCK_NAME
+    with _flock(path, blocking=False) as got:
+        if not got:
+            raise UserError(f"run directory {run_dir} is in use by another keh process"
+                            f"{_holder(path)}; wait for it to finish, or choose another "
+                            f"--run-id or --out")
+        yield
+
+
+@contextlib.contextmanager
+def key_lock(lock_dir: Path, keys: Iterable[str]) -> Iterator[None]:
+    """Blocking exclusive locks on the cache ``keys`` (sorted, so two processes asking for
+    overlapping sets cannot deadlock), files ``lock_dir/<key>.lock``."""
+    locks = Path(lock_dir)
+    locks.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        for key in sorted(set(keys)):
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", key):
+                raise ValueError(f"cache key {key!r} is not a plain file name")
+            stack.enter_context(_flock(locks / f"{key}.lock", blocking=True))
+        yield

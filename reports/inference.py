@@ -1,0 +1,331 @@
+"""Cluster-level inference for the report: randomisation tests and intervals that stay valid
+with few clusters (the batches of a sequential run, whose cases share one edited model).
+
+Every function takes per-observation values and a cluster label per observation; with
+``clusters=None`` every observation is its own cluster. Randomisation is seeded.
+
+* :func:`sign_flip_test`: Fisher's one-sample randomisation test at the cluster level
+  (e.g. Cameron, Gelbach & Miller 2008; Canay, Romano & Shaikh 2017). With cluster sums
+  S_g of x_i - mu0 and T = sum_g S_g, the null distribution flips the sign of every S_g
+  (valid when each cluster's total is symmetric about 0 under H0; exact, by enumerating all
+  2^G sign patterns, for G <= :data:`EXACT_MAX_CLUSTERS`, Monte Carlo otherwise). With G
+  clusters the smallest two-sided p-value is 2 / 2^G: five clusters cannot reach 0.05, and
+  the test says so instead of borrowing power from correlated cases.
+* :func:`wild_cluster_ci`: wild cluster bootstrap-t interval of a mean (Cameron, Gelbach &
+  Miller 2008) with Webb's (2014) six-point weights, recommended for few clusters; the
+  standard error is the cluster-robust CR1 one, sqrt(G / (G - 1) sum_g e_g^2) / n with
+  e_g = S_g - n_g mean. Below 3 clusters no interval is given.
+* :func:`permutation_spearman`: Spearman's rho of one value per cluster against a covariate
+  (e.g. the batch index), p-value by permuting the values over clusters (exact for
+  G <= 8).
+* :func:`stratified_auc_test`: AUC of a score separating positives from negatives, p-value
+  by permuting the cases' scores within strata (batches), jointly over runs (seeds), so the
+  null keeps both the batch structure and the correlation of a case's copies across seeds.
+* :func:`mde`: the minimum detectable effect at 80% power from the null spread of a test
+  statistic: (q_{1-alpha/2} + q_{power}) * sd_0 with t quantiles on G - 1 degrees of freedom
+  (normal for G >= 200); infinite where the randomisation test cannot reach alpha.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+#: enumerate all 2^G sign patterns up to this many clusters
+EXACT_MAX_CLUSTERS = 12
+#: Monte Carlo draws of a randomisation test above that
+DEFAULT_DRAWS = 4999
+POWER = 0.8
+#: Webb (2014) six-point weights: +-sqrt(1/2), +-1, +-sqrt(3/2), each with probability 1/6
+WEBB = np.array([-math.sqrt(1.5), -1.0, -math.sqrt(0.5), math.sqrt(0.5), 1.0,
+                 math.sqrt(1.5)])
+
+
+def _rng(seed: int | np.random.Generator | None) -> np.random.Generator:
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def _codes(clusters: Sequence[Any] | np.ndarray | None, n: int) -> np.ndarray:
+    if clusters is None:
+        return np.arange(n)
+    labels = np.array([str(c) for c in clusters], dtype=object)
+    if labels.size != n:
+        raise ValueError(f"clusters has {labels.size} entries for {n} values")
+    return np.unique(labels, return_inverse=True)[1].ravel()
+
+
+def cluster_sums(values: Any, clusters: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """(sums, counts) per cluster of the finite values (clusters without one dropped)."""
+    x = np.asarray(values, dtype=float).ravel()
+    codes = _codes(clusters, x.size)
+    ok = np.isfinite(x)
+    x, codes = x[ok], codes[ok]
+    if x.size == 0:
+        return np.zeros(0), np.zeros(0)
+    _, codes = np.unique(codes, return_inverse=True)
+    sums = np.bincount(codes, weights=x)
+    counts = np.bincount(codes).astype(float)
+    return sums, counts
+
+
+def _patterns(g: int, draws: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """Sign patterns (k, g): all 2^g when g is small (exact), else random draws with the
+    identity first."""
+    if g <= EXACT_MAX_CLUSTERS:
+        return np.array(list(itertools.product((1.0, -1.0), repeat=g))), True
+    signs = rng.choice(np.array([1.0, -1.0]), size=(draws, g))
+    return np.vstack([np.ones((1, g)), signs]), False
+
+
+def _p_from(null: np.ndarray, observed: float, alternative: str) -> float:
+    tol = 1e-9 * max(1.0, abs(observed))
+    if alternative == "two-sided":
+        return float(np.mean(np.abs(null) >= abs(observed) - tol))
+    if alternative == "greater":
+        return float(np.mean(null >= observed - tol))
+    if alternative == "less":
+        return float(np.mean(null <= observed + tol))
+    raise ValueError(f"alternative must be two-sided, greater or less, not {alternative!r}")
+
+
+@dataclass
+class FlipResult:
+    """A cluster sign-flip test of mean(x) = mu0."""
+
+    mean: float
+    p: float
+    n: int
+    n_clusters: int
+    null_sd: float  # sd of the mean under the sign-flip null (sums centred at mu0)
+    method: str  # "exact" | "monte carlo" | "none"
+    se: float = math.nan  # sign-flip sd of the mean with sums centred at the estimate (MDE)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sign_flip_test(values: Any, clusters: Any = None, mu0: float = 0.0,
+                   alternative: str = "two-sided", n_draws: int = DEFAULT_DRAWS,
+                   seed: int | np.random.Generator | None = 0) -> FlipResult:
+    """Cluster sign-flip randomisation test of H0: mean(x) = ``mu0`` (see the module notes).
+
+    The statistic is the overall mean (cluster totals weigh by size); ``alternative``
+    ``"greater"`` tests H1: mean > mu0.
+    """
+    sums, counts = cluster_sums(values, clusters)
+    n, g = int(counts.sum()), sums.size
+    if g == 0:
+        return FlipResult(math.nan, math.nan, 0, 0, math.nan, "none")
+    centred = sums - counts * mu0
+    mean = float(sums.sum() / n)
+    null_sd = float(math.sqrt(np.sum(centred**2)) / n)
+    se = float(math.sqrt(np.sum((sums - counts * mean) ** 2)) / n)
+    if null_sd == 0:  # every cluster total equals mu0 * n_g
+        return FlipResult(mean, 1.0, n, g, 0.0, "degenerate", se)
+    signs, exact = _patterns(g, n_draws, _rng(seed))
+    null = signs @ centred
+    p = _p_from(null, float(centred.sum()), alternative)
+    return FlipResult(mean, p, n, g, null_sd, "exact" if exact else "monte carlo", se)
+
+
+def min_p(n_clusters: int, alternative: str = "two-sided") -> float:
+    """Smallest p-value an exact sign-flip test over ``n_clusters`` can give."""
+    if n_clusters > EXACT_MAX_CLUSTERS:
+        return 1.0 / (DEFAULT_DRAWS + 1)
+    return (2.0 if alternative == "two-sided" else 1.0) / 2.0**n_clusters
+
+
+@dataclass
+class ClusterCI:
+    value: float
+    lo: float
+    hi: float
+    n: int
+    n_clusters: int
+    se: float  # cluster-robust (CR1) standard error
+    method: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cr1_se(sums: np.ndarray, counts: np.ndarray) -> float:
+    """Cluster-robust CR1 standard error of the overall mean."""
+    g, n = sums.size, counts.sum()
+    if g < 2:
+        return math.nan
+    mean = sums.sum() / n
+    e = sums - counts * mean
+    return float(math.sqrt(g / (g - 1) * np.sum(e**2)) / n)
+
+
+def wild_cluster_ci(values: Any, clusters: Any = None, confidence: float = 0.95,
+                    n_draws: int = 1999, seed: int | np.random.Generator | None = 0,
+                    alternative: str = "two-sided") -> ClusterCI:
+    """Wild cluster bootstrap-t interval of the mean (Webb weights; module notes).
+
+    ``alternative="greater"`` gives a one-sided lower bound (``hi`` = inf)."""
+    sums, counts = cluster_sums(values, clusters)
+    g = sums.size
+    n = int(counts.sum())
+    if g == 0:
+        return ClusterCI(math.nan, math.nan, math.nan, 0, 0, math.nan, "none")
+    mean = float(sums.sum() / n)
+    if g < 3:
+        return ClusterCI(mean, math.nan, math.nan, n, g, math.nan,
+                         f"none ({g} clusters; an interval needs 3 or more)")
+    se = cr1_se(sums, counts)
+    if se == 0:
+        return ClusterCI(mean, mean, mean, n, g, 0.0, "degenerate")
+    e = sums - counts * mean
+    w = _rng(seed).choice(WEBB, size=(n_draws, g))
+    s_star = counts * mean + w * e  # (B, G)
+    m_star = s_star.sum(axis=1) / n
+    e_star = s_star - counts * m_star[:, None]
+    se_star = np.sqrt(g / (g - 1) * np.sum(e_star**2, axis=1)) / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_star = (m_star - mean) / se_star
+    t_star = t_star[np.isfinite(t_star)]
+    a = 1.0 - confidence
+    if alternative == "greater":
+        return ClusterCI(mean, mean - float(np.quantile(t_star, 1 - a)) * se, math.inf, n, g,
+                         se, "wild cluster bootstrap-t (Webb), one-sided")
+    lo = mean - float(np.quantile(t_star, 1 - a / 2)) * se
+    hi = mean - float(np.quantile(t_star, a / 2)) * se
+    return ClusterCI(mean, lo, hi, n, g, se, "wild cluster bootstrap-t (Webb)")
+
+
+def mde(null_sd: float, n_clusters: int, alpha: float = 0.05, power: float = POWER,
+        alternative: str = "two-sided", exact_min_p: float | None = None) -> float:
+    """Minimum detectable effect (module notes); inf when the test cannot reach ``alpha``."""
+    if not np.isfinite(null_sd) or n_clusters < 2:
+        return math.inf
+    if exact_min_p is not None and exact_min_p > alpha:
+        return math.inf
+    a = alpha / 2 if alternative == "two-sided" else alpha
+    dist = stats.norm if n_clusters >= 200 else stats.t(n_clusters - 1)
+    return float((dist.ppf(1 - a) + dist.ppf(power)) * null_sd)
+
+
+def mde_correlation(n: int, alpha: float = 0.05, power: float = POWER) -> float:
+    """Smallest |correlation| detected with ``power`` at two-sided ``alpha`` from ``n``
+    points (Fisher's z: tanh((z_{1-alpha/2} + z_power) / sqrt(n - 3))); inf for n <= 3."""
+    if n <= 3:
+        return math.inf
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
+    return float(math.tanh(z / math.sqrt(n - 3)))
+
+
+@dataclass
+class PermResult:
+    statistic: float
+    p: float
+    n: int
+    null_sd: float
+    method: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rho of every row of ``a`` (k, n) with ``b`` (n,)."""
+    ra = stats.rankdata(a, axis=-1)
+    rb = stats.rankdata(b)
+    ra = ra - ra.mean(axis=-1, keepdims=True)
+    rb = rb - rb.mean()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ra @ rb) / np.sqrt((ra**2).sum(axis=-1) * (rb**2).sum())
+
+
+def permutation_spearman(values: Any, covariate: Any, n_draws: int = DEFAULT_DRAWS,
+                         seed: int | np.random.Generator | None = 0,
+                         alternative: str = "two-sided") -> PermResult:
+    """Spearman's rho of ``values`` (one per cluster) with ``covariate``; permutation p-value
+    (all G! orders for G <= 8)."""
+    y = np.asarray(values, dtype=float).ravel()
+    x = np.asarray(covariate, dtype=float).ravel()
+    ok = np.isfinite(y) & np.isfinite(x)
+    y, x = y[ok], x[ok]
+    g = y.size
+    if g < 3 or np.ptp(y) == 0 or np.ptp(x) == 0:
+        return PermResult(math.nan, math.nan, g, math.nan, "none")
+    rho = float(_spearman_rows(y[None, :], x)[0])
+    if g <= 8:
+        perms = np.array(list(itertools.permutations(range(g))))
+        method = "exact permutation"
+    else:
+        rng = _rng(seed)
+        perms = np.vstack([np.arange(g)[None, :],
+                           np.argsort(rng.random((n_draws, g)), axis=1)])
+        method = "permutation (Monte Carlo)"
+    null = _spearman_rows(y[perms], x)
+    return PermResult(rho, _p_from(null, rho, alternative), g, float(np.std(null)), method)
+
+
+def stratified_auc_test(scores: np.ndarray, positive: np.ndarray, strata: Sequence[Any],
+                        n_draws: int = 1999, seed: int | np.random.Generator | None = 0
+                        ) -> PermResult:
+    """AUC = P(score of a positive > score of a negative) + ties/2 over every finite
+    (run, case) observation; ``scores`` and ``positive`` are (runs, cases) arrays.
+
+    Two-sided p-value of AUC = 0.5 by permuting the cases' score columns within ``strata``
+    (one label per case), the same permutation for every run: valid when, within a stratum,
+    the scores carry no information about the outcome."""
+    scores = np.asarray(scores, dtype=float)
+    pos = np.asarray(positive, dtype=float)
+    keep = np.all(np.isfinite(scores), axis=0) & np.all(np.isfinite(pos), axis=0)
+    scores, pos = scores[:, keep], pos[:, keep].astype(bool)
+    codes = _codes(np.asarray(strata, dtype=object)[keep], int(keep.sum()))
+    labels = pos.ravel()
+    n1, n0 = int(labels.sum()), int((~labels).sum())
+    if n1 == 0 or n0 == 0:
+        return PermResult(math.nan, math.nan, labels.size, math.nan, "none")
+
+    def auc_of(mat: np.ndarray) -> np.ndarray:  # mat (k, N)
+        r = stats.rankdata(mat, axis=-1)
+        return (r[:, labels].sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+    value = float(auc_of(scores.ravel()[None, :])[0])
+    rng = _rng(seed)
+    m = codes.size
+    perms = np.empty((n_draws, m), dtype=int)
+    perms[:] = np.arange(m)
+    for c in np.unique(codes):
+        idx = np.flatnonzero(codes == c)
+        if idx.size > 1:
+            perms[:, idx] = idx[np.argsort(rng.random((n_draws, idx.size)), axis=1)]
+    permuted = scores[:, perms]  # (runs, k, cases)
+    null = auc_of(np.moveaxis(permuted, 0, 1).reshape(n_draws, -1))
+    null = np.concatenate([[value], null])
+    p = float(np.mean(np.abs(null - 0.5) >= abs(value - 0.5) - 1e-12))
+    return PermResult(value, p, labels.size, float(np.std(null)),
+                      "within-stratum permutation (Monte Carlo)")
+
+
+def matched_pair_products(strata: Sequence[Any], match: Any, x: Any, y: Any
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Within each stratum, sort cases by ``match`` and pair neighbours (1st with 2nd, 3rd
+    with 4th, ...; an odd one out is dropped). Returns, per pair, the sign product
+    sign(dx) sign(dy) and the product of rank differences dx * dy (ranks over all cases), so
+    that H0 "x carries no information about y at equal ``match``" makes each product
+    symmetric about 0."""
+    m = np.asarray(match, dtype=float)
+    rx = stats.rankdata(np.asarray(x, dtype=float))
+    ry = stats.rankdata(np.asarray(y, dtype=float))
+    codes = _codes(np.asarray(strata, dtype=object), m.size)
+    signs, prods = [], []
+    for c in np.unique(codes):
+        idx = np.flatnonzero(codes == c)
+        idx = idx[np.argsort(m[idx], kind="stable")]
+        for a, b in zip(idx[0::2], idx[1::2], strict=False):
+            dx, dy = rx[a] - rx[b], ry[a] - ry[b]
+            signs.append(np.sign(dx) * np.sign(dy))
+            prods.append(dx * dy)
+    return np.asarray(signs, dtype=float), np.asarray(prods, dtype=float)

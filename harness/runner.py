@@ -156,7 +156,8 @@ def _resume_locked(run_dir: Path, log: Callable[[str], None], lm: LoadedModel | 
     except (TypeError, UserError) as exc:
         raise UserError(f"--resume {run_dir}: the manifest's config does not fit this code "
                         f"({exc})") from exc
-    cfg.out_dir, cfg.run_id = str(run_dir.parent), run_dir.name
+    real = run_dir.resolve()  # a link to a run directory resumes the directory itself
+    cfg.out_dir, cfg.run_id = str(real.parent), real.name
     if stop_on_error is not None:
         cfg.stop_on_error = stop_on_error
     p = prepare(cfg)

@@ -315,7 +315,8 @@ def corpus_records(corpus: Corpus, unit: str) -> list[str]:
     """The records of ``corpus``: for a text file, WikiText articles (``unit="records"``,
     :func:`split_articles`; the analogue of the papers' Wikipedia records) or its non-blank
     lines (``unit="lines"``: the rows of Hugging Face's wikitext, which the original reads with
-    ``mom2_dataset: wikitext``); for an ``hf:`` dataset, its non-empty rows either way."""
+    ``mom2_dataset: wikitext``); for an ``hf:`` dataset, its non-empty rows either way (all
+    read into memory to count and select them: meant for datasets that fit)."""
     if corpus.path is not None:
         with open(corpus.path, encoding="utf-8-sig") as f:
             lines = f.readlines()

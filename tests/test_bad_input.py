@@ -229,14 +229,6 @@ def _edit_progress(run_dir: Path, **changes) -> None:
     path.write_text(json.dumps(data))
 
 
-def test_resume_of_an_intact_interrupted_run_works(tmp_path, tiny_lm, capsys):
-    """The control for the refusals below: the same directory, untouched, resumes."""
-    run_dir = _interrupted(tmp_path, tiny_lm)
-    records = (run_dir / rec_io.RECORDS).read_bytes()
-    assert main(["run", "--resume", str(run_dir)]) == 0
-    assert (run_dir / rec_io.RECORDS).read_bytes() == records
-
-
 @pytest.mark.parametrize(("changes", "needle"), [
     ({"tensors": "/etc/passwd"}, "tensor file '/etc/passwd' is not a checkpoint file name"),
     ({"tensors": "../../../../etc/passwd"}, "is not a checkpoint file name"),
@@ -273,3 +265,10 @@ def test_resume_refuses_a_records_file_outside(tmp_path, tiny_lm, capsys):
     (run_dir / rec_io.RECORDS).unlink()
     (run_dir / rec_io.RECORDS).symlink_to(outside)
     _fails(["run", "--resume", str(run_dir)], capsys, "points outside the run directory")
+    # the control for every refusal above: the same directory, put back, resumes
+    records = outside.read_bytes()
+    (run_dir / rec_io.RECORDS).unlink()
+    (run_dir / rec_io.RECORDS).write_bytes(records)
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    assert (run_dir / rec_io.RECORDS).read_bytes() == records
+    assert json.loads((run_dir / rec_io.MANIFEST).read_text())["status"] == "complete"

@@ -109,7 +109,9 @@ def test_generation_metrics_sources_and_notes(tiny_lm):
                             target_new="Rome", target_true="Paris",
                             generation_prompts=("The Eiffel Tower is", "People visit"),
                             reference_texts=("Rome is the capital of Italy",))
-    a, b = fluency.generation_metrics(tiny_lm, [knowedit, canonical], max_new_tokens=4)
+    # greedy: this test is about sources and notes (sampling: the tests below)
+    a, b = fluency.generation_metrics(tiny_lm, [knowedit, canonical], max_new_tokens=4,
+                                      decoding="greedy")
     assert a["generation_source"] == "rewrite+paraphrase prompts"
     assert len(a["generations"]) == 2 and a["reference_score"] is None
     assert "fluency: not available (no generation_prompts in this data)" in a["generation_note"]
@@ -125,7 +127,7 @@ def test_counterfact_evaluate_with_generation(tiny_lm):
                       paraphrase_prompts=("Darrieux speaks",),
                       neighborhood_prompts=("Michel Rocard speaks",), neighborhood_target="French")
     (plain,) = counterfact.evaluate(tiny_lm, [req])
-    (rec,) = counterfact.evaluate(tiny_lm, [req], generation_tokens=3)
+    (rec,) = counterfact.evaluate(tiny_lm, [req], generation_tokens=3, decoding="greedy")
     assert "ngram_entropy" not in plain
     assert rec["efficacy_success"] == plain["efficacy_success"]
     assert rec["generation_source"] == "rewrite+paraphrase prompts"

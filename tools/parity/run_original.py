@@ -157,12 +157,12 @@ def original_hparams(root: Path, n_layers: int, rome_layer: int, n_records: int
     for name, cls, fname in (("rome", ROMEHyperParams, "ROME"),
                              ("memit", MEMITHyperParams, "MEMIT"),
                              ("alphaedit", AlphaEditHyperParams, "AlphaEdit")):
-        data = json.loads((root / "hparams" / fname / "Llama3-8B.json").read_text())
+        file = json.loads((root / "hparams" / fname / "Llama3-8B.json").read_text())
         changed = {"v_loss_layer": n_layers - 1, "mom2_n_samples": n_records}
         if name == "rome":
             changed["layers"] = [rome_layer]
-        data.update(changed)
-        out[name] = {"cls": cls, "data": data, "changed": changed}
+        out[name] = {"cls": cls, "data": {**file, **changed}, "changed": changed,
+                     "file": file}
     return out
 
 
@@ -488,7 +488,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--original-stats-dir", default=None,
                     help="where the original's layer_stats caches its C0 (default: a temp dir)")
     ap.add_argument("--smoke-steps", type=int, default=None,
-                    help="smoke test of the adapter only: v_num_grad_steps for every method")
+                    help="v_num_grad_steps for every method instead of the files' 25 (CPU "
+                         "time; recorded as a change, the test applies it to the harness too)")
     ap.add_argument("--out", default=str(REPO / "tests" / "fixtures" / "parity"))
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -578,6 +579,7 @@ def main(argv: list[str] | None = None) -> None:
         timings[f"{name}_s"] = round(time.perf_counter() - t0, 1)
         runs[name]["hparams"] = hps[name]["data"]
         runs[name]["hparams_changed_from_llama3_8b"] = hps[name]["changed"]
+        runs[name]["hparams_file_llama3_8b"] = hps[name]["file"]
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "noop": "methods.noop",
     "ft": "methods.ft",
     "rome": "methods.rome",
+    "r-rome": "methods.r_rome",
     "memit": "methods.memit",
     "alphaedit": "methods.alphaedit",
     "metake": "methods.metake",

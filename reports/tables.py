@@ -393,11 +393,12 @@ def pairwise_table(rows: list[dict[str, Any]], baseline: str, alpha: float = 0.0
         "vs": raw["vs"], "metric": raw["metric"],
         "unit (n)": [f"{u} (n={int(n)})" if pd.notna(n) else "–"
                      for u, n in zip(raw["unit"], raw["n"], strict=True)],
-        "means": [f"{_fmt(a, 2)} vs {_fmt(b, 2)}" if pd.notna(a) else "–"
+        "means": [f"{_sig(a)} vs {_sig(b)}" if pd.notna(a) else "–"
                   for a, b in zip(raw["mean_method"], raw["mean_vs"], strict=True)],
-        "difference [95% CI]": [fmt_ci(e, lo, hi, 2) for e, lo, hi in
-                                zip(raw["effect"], raw["ci_lo"], raw["ci_hi"], strict=True)],
-        "MDE": raw["mde"].map(lambda v: _fmt(float(v), 2) if pd.notna(v) else "–"),
+        "difference [95% CI]": [
+            f"{_sig(e)} [{_sig(lo)}, {_sig(hi)}]" if pd.notna(e) else "–"
+            for e, lo, hi in zip(raw["effect"], raw["ci_lo"], raw["ci_hi"], strict=True)],
+        "MDE": raw["mde"].map(_sig),
         "p": raw["p"].map(fmt_p), "p (Holm)": raw["p_holm"].map(fmt_p),
         "note": [f"{t}; seeds {s}; {n}".strip("; ") if isinstance(t, str) else n
                  for t, s, n in zip(raw["test"], raw["seeds"], raw["note"].fillna(""),
@@ -411,6 +412,14 @@ def pairwise_table(rows: list[dict[str, Any]], baseline: str, alpha: float = 0.0
                f"Holm-adjusted over this table (alpha {alpha}); MDE: smallest difference "
                f"detectable with 80% power at alpha (unadjusted).")
     return Table("pairwise", caption, raw, disp)
+
+
+def _sig(v: Any) -> str:
+    """Three significant digits (small differences stay visible); '–' for missing."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    v = float(v)
+    return ("∞" if v > 0 else "-∞") if math.isinf(v) else f"{v:.3g}"
 
 
 def _fmt_mde(v: Any) -> str:

@@ -14,9 +14,11 @@ residual *directly* at each of them, undistributed. For each layer l of ``layers
 
 So with ``layers`` = the whole window it would be "every layer gets its own target"; the
 published setting (and ours) lists the two boundary layers only. The diagnostics (rho,
-z_error, ...) refer to the last layer's target V_l_last and the states Z0 it started from
-(after the first layer's write); the earlier layers' target-step records carry the prefix
-``layer<l>_``.
+z_error, ...) measure the whole batch at the last layer: the realisation of V_l_last - Z_pre,
+Z_pre the states there before the batch's first write (the last layer's own residual can be
+zero: once the first layer's write reaches the target, its target step stops at once and
+rho of that residual would be 0/0). The earlier layers' target-step records carry the
+prefix ``layer<l>_``.
 """
 
 from __future__ import annotations
@@ -61,14 +63,16 @@ def edit_blue(lm: LoadedModel, requests: Sequence[EditRequest], hp: locate.Locat
     timings["stats_s"] = time.perf_counter() - t0
     templates = locate.templates_for(lm, hp)
     sdt = resolve_dtype(hp.solve_dtype)
+    last = hp.layers[-1]
+    _, Zpre = averaged_keys(lm, requests, templates[:1], [], [last], value_site=hp.value_site)
     keys, As, norms = {}, {}, {}
     residual_first = torch.empty(0)
     earlier: list[dict[str, Any]] = [{} for _ in requests]
-    Z0 = V = torch.empty(0)
+    V = torch.empty(0)
     info: list[dict[str, Any]] = []
     for i, (layer, target_layer, share) in enumerate(residual_plan(hp.layers)):
         t0 = time.perf_counter()
-        Z0, V, info, _ = compute_targets(lm, requests, target_layer, hp, templates)
+        _, V, info, _ = compute_targets(lm, requests, target_layer, hp, templates)
         timings["target_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         plain: dict[int, torch.Tensor] = {}
@@ -91,8 +95,8 @@ def edit_blue(lm: LoadedModel, requests: Sequence[EditRequest], hp: locate.Locat
                                  residual_first=residual_first)
     t0 = time.perf_counter()
     extra = [{**e, **d} for e, d in zip(earlier, info, strict=True)]
-    diags = locate.diagnostics(lm, requests, hp, Z0, V, templates, written,
-                               P[hp.layers[-1]], extra)
+    diags = locate.diagnostics(lm, requests, hp, Zpre[last], V, templates, written,
+                               P[last], extra)
     timings["diagnostics_s"] = time.perf_counter() - t0
     return diags, written, timings
 

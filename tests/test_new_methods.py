@@ -250,3 +250,30 @@ def test_runs_sequentially_through_the_runner_and_edits_only_its_layers(
         assert set(calls[1]["state"]) == {f"prune_raw.{layer}" for layer in layers}
     for i in range(tiny_lm.n_layers):  # the runner hands the model back unedited
         assert torch.equal(snap[i], tiny_lm.rewrite_weight(i))
+
+
+def test_blue_diagnostics_stay_finite_when_the_last_layer_has_nothing_left(
+        tiny_lm, corpus, requests_, monkeypatch):
+    """Once the first layer's write reaches the target, the last layer's target step stops
+    at once (V = Z0 there); rho must then describe the batch, not 0/0."""
+    import methods.memit_blue as blue
+
+    hp = hparams_from_dict(blue.Hparams, {**SMALL, "layers": [1, 3], "stats_corpus": corpus})
+    real = blue.compute_targets
+
+    def targets(lm, reqs, layer, hp_, templates):
+        Z0, V, info, problem = real(lm, reqs, layer, hp_, templates)
+        return (Z0, Z0.clone(), info, problem) if layer == 3 else (Z0, V, info, problem)
+
+    monkeypatch.setattr(blue, "compute_targets", targets)
+    snap = _snapshot(tiny_lm, range(tiny_lm.n_layers))
+    try:
+        diags, _, _ = blue.edit_blue(tiny_lm, requests_[:2], hp,
+                                     memit.solver_for(tiny_lm, hp))
+        for d in diags:
+            assert math.isfinite(d["rho"]) and math.isfinite(d["z_error"])
+            assert d["residual_norm"] > 0
+        assert torch.equal(snap[3], tiny_lm.rewrite_weight(3))  # nothing left to write
+        assert not torch.equal(snap[1], tiny_lm.rewrite_weight(1))
+    finally:
+        _restore(tiny_lm, snap)

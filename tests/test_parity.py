@@ -17,6 +17,7 @@ and C0 against the original's own ``layer_stats`` on the same records.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 
 from tests.conftest import ROOT
 
-FIXTURE = ROOT / "tests" / "fixtures" / "parity"
+FIXTURE = Path(os.environ.get("KEH_PARITY_FIXTURE", ROOT / "tests" / "fixtures" / "parity"))
 KEY_RTOL = 1e-4  # relative 2-norm error of every key vector
 Z_RTOL = 1e-3  # relative 2-norm error of every target vector
 LP_ATOL = 1e-2  # absolute error of every mean per-token log-probability
@@ -46,6 +47,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def ref() -> dict[str, Any]:
     from safetensors.torch import load_file
 
+    if not (FIXTURE / "fixture.json").is_file():
+        pytest.fail(f"parity fixture missing in {FIXTURE}: produce it with the command in "
+                    f"{FIXTURE / 'README.md'}")
     meta = json.loads((FIXTURE / "fixture.json").read_text())
     meta["tensors"] = load_file(str(FIXTURE / "fixture.safetensors"))
     return meta
@@ -83,10 +87,10 @@ def stats_overrides(ref, shared_data) -> dict[str, Any]:
 
 def hparams(method: str, ref, shared_data) -> Any:
     """The faithful preset's SmolLM2 hparams, with only the injected inputs overridden."""
-    from methods import METHODS
+    from methods import get_method
     from methods.base import load_hparams
 
-    mod = METHODS[method]
+    mod = get_method(method)
     texts = ref["templates"]["rome"] if method == "rome" else \
         [t for group in ref["templates"]["memit"] for t in group]
     run = ref["runs"][method]
@@ -123,7 +127,7 @@ def run_harness(lm, method: str, hp, requests, batches, monkeypatch) -> dict[str
     """Edit sequentially in the fixture's batches; record keys (solver inputs), targets and
     post-edit log-probabilities."""
     import methods.locate as locate
-    from methods import METHODS
+    from methods import get_method
     from suites.counterfact import evaluate
 
     got: dict[str, Any] = {"key": {}, "k_plain": {}, "z": {}}
@@ -143,7 +147,7 @@ def run_harness(lm, method: str, hp, requests, batches, monkeypatch) -> dict[str
         return write_layers(lm_, reqs, hp_, V, templates, solve)
 
     monkeypatch.setattr(locate, "write_layers", recording)
-    mod = METHODS[method]
+    mod = get_method(method)
     by_id = {r.case_id: r for r in requests}
     if hasattr(mod, "prepare"):
         mod.prepare(lm, hp)
@@ -183,12 +187,13 @@ def test_c0_matches_original_layer_stats(lm, ref, shared_data):
     """The harness's records-mode C0 on the same WikiText-2 records equals the original's
     ``layer_stats`` (float32 sums in another order: 1e-4 relative), and is the C0 that was
     injected into the original when the fixture was made."""
+    from methods import get_method
     from methods.base import load_hparams
-    from methods.locate import LocateHparams, layer_statistics
+    from methods.locate import layer_statistics
 
     c0 = ref["c0"]
     layers = sorted(int(x) for x in c0["original"])
-    hp, _ = load_hparams(LocateHparams, "memit", "smollm2-135m", preset="faithful",
+    hp, _ = load_hparams(get_method("memit").Hparams, "memit", "smollm2-135m", preset="faithful",
                          overrides=stats_overrides(ref, shared_data))
     C0, _, _ = layer_statistics(lm, hp, layers)
     R = torch.randn(C0[layers[0]].shape[0], 4, dtype=torch.float64,

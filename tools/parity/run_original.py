@@ -506,11 +506,24 @@ def main(argv: list[str] | None = None) -> None:
     records = counterfact_records(data, args.n_cases)
     lines = corpus_lines(corpus)
 
-    root = shims.install(args.checkout)
+    c0_layers = [4, 5, 6, 7, 8]  # MEMIT/AlphaEdit layers of the Llama-3-8B files (checked below)
+    C_inj: dict[int, torch.Tensor] = {}
+    prov: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    if args.c0 == "harness":  # before the CPU shim (a model loaded under it is wrong)
+        log("harness C0")
+        t0 = time.perf_counter()
+        C_inj, prov = harness_c0(model_dir, c0_layers, corpus, args.stats_records,
+                                 args.stats_unit)
+        timings["c0_harness_s"] = round(time.perf_counter() - t0, 1)
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # load BEFORE the CPU shim: loading under the patched torch factories gave a model whose
+    # padded forwards return NaN (and degenerate sampled text)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
+    root = shims.install(args.checkout)
     tok.pad_token = tok.eos_token  # as evaluate.py
     torch.set_grad_enabled(True)
     weights0 = copy.deepcopy(model.state_dict())
@@ -519,10 +532,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke_steps is not None:
         for h in hps.values():
             h["data"]["v_num_grad_steps"] = h["changed"]["v_num_grad_steps"] = args.smoke_steps
-    c0_layers = sorted({*hps["memit"]["data"]["layers"], *hps["alphaedit"]["data"]["layers"]})
+    if sorted({*hps["memit"]["data"]["layers"], *hps["alphaedit"]["data"]["layers"]}) \
+            != c0_layers:
+        raise SystemExit(f"the checkout's MEMIT/AlphaEdit layers are not {c0_layers}")
     rewrite_tmp = hps["memit"]["data"]["rewrite_module_tmp"]
 
-    timings: dict[str, float] = {}
     log("templates")
     t0 = time.perf_counter()
     templates = make_templates(model, tok, args.template_seed,
@@ -545,16 +559,6 @@ def main(argv: list[str] | None = None) -> None:
         c0_info["original"][str(layer)] = {**c0_summary(C), "count": counts[layer]}
         rec.put(f"c0/original/sketch/{layer}", C.double() @ R)
     if args.c0 == "harness":
-        log("harness C0")
-        t0 = time.perf_counter()
-        cwd = os.getcwd()
-        os.chdir(REPO)
-        try:
-            C_inj, prov = harness_c0(model_dir, c0_layers, corpus, args.stats_records,
-                                     args.stats_unit)
-        finally:
-            os.chdir(cwd)
-        timings["c0_harness_s"] = round(time.perf_counter() - t0, 1)
         for layer, C in C_inj.items():
             c0_info["harness"][str(layer)] = c0_summary(C)
             rec.put(f"c0/harness/sketch/{layer}", C.double() @ R)

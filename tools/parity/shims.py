@@ -14,6 +14,9 @@ fixture's README repeats the list):
   the model itself still sees the tensor.
 * ``cwd``: ``util/globals.py`` reads ``globals.yml`` from the working directory, so the
   process changes into the checkout before importing it.
+
+Load the model BEFORE :func:`install`: a model loaded while the factory functions are wrapped
+returned NaN from padded forwards (and degenerate sampled text) under transformers 5.24.
 """
 
 from __future__ import annotations

@@ -208,6 +208,9 @@ def hparams_from_dict(cls: type, data: dict[str, Any], source: str = "hparams") 
 
 
 PRESETS = ("faithful", "tuned")
+#: methods with one setting only: the preset does not apply to them (any other method without
+#: a file of the asked preset is an error, so that no table labels faithful numbers "tuned")
+SINGLE_SETTING = ("noop", "ft")
 
 
 def load_hparams(cls: type, method: str, model: str, path: str | Path | None = None,
@@ -219,8 +222,8 @@ def load_hparams(cls: type, method: str, model: str, path: str | Path | None = N
     ``<model>`` the model name (``/`` and ``:`` as ``_``) or its family (``gpt2-xl`` for
     ``openai-community/gpt2-xl`` or ``random:gpt2-xl``; :func:`harness.models.model_family`);
     else ``default.yaml``, else the dataclass defaults; then ``overrides``. A method with
-    tuned files for other models but none for this one is an error under ``tuned``; a method
-    with no tuned file at all (one setting only: ft, noop) uses its files under either preset.
+    tuned file for this model is an error under ``tuned``, except the one-setting methods
+    :data:`SINGLE_SETTING` (ft, noop), which use their files under either preset.
     Returns (hparams, source)."""
     if preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
@@ -232,8 +235,7 @@ def load_hparams(cls: type, method: str, model: str, path: str | Path | None = N
         suffix = "" if preset == "faithful" else f"-{preset}"
         stems = [model.replace("/", "_").replace(":", "_"), model_family(model)]
         cands = [HPARAMS_DIR / method / f"{st}{suffix}.yaml" for st in stems if st]
-        presetless = preset != "faithful" and not any(
-            (HPARAMS_DIR / method).glob(f"*{suffix}.yaml"))
+        presetless = preset != "faithful" and method in SINGLE_SETTING
         if presetless:  # a method with one setting only (ft, noop): the preset does not apply
             suffix = ""
             cands = [HPARAMS_DIR / method / f"{st}.yaml" for st in stems if st]

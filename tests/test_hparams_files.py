@@ -162,3 +162,15 @@ def test_presets_pick_their_files_and_name_missing_ones():
     a, sa = load_hparams(get_method("ft").Hparams, "ft", "smollm2-135m", preset="tuned")
     b, sb = load_hparams(get_method("ft").Hparams, "ft", "smollm2-135m")
     assert sa == sb and a == b
+
+
+def test_tuned_preset_without_a_tuned_file_is_an_error_except_for_one_setting_methods():
+    """No table may label faithful numbers "tuned": a method without a tuned file for the
+    model refuses --preset tuned; ft and noop (one setting) use their only file."""
+    for name in ("prune", "r-rome"):
+        with pytest.raises(UserError, match="no tuned hparams"):
+            load_hparams(get_method(name).Hparams, name, "smollm2-135m", preset="tuned")
+    _, source = load_hparams(get_method("ft").Hparams, "ft", "smollm2-135m", preset="tuned")
+    assert source.endswith("ft/smollm2-135m.yaml")
+    _, source = load_hparams(get_method("rome").Hparams, "rome", "smollm2-135m", preset="tuned")
+    assert source.endswith("rome/smollm2-135m-tuned.yaml")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from harness import records as rec_io
+from harness.cachefiles import atomic_write_with
 from harness.errors import UserError
 
 CHECKPOINT_DIR = "checkpoint"
@@ -72,23 +72,10 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Atomically write ``tensors`` (moved to CPU, made contiguous) as safetensors."""
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(cpu, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_with(path, lambda tmp: save_file(cpu, tmp))
 
 
 def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -8,12 +8,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from harness.cachefiles import atomic_write_text
 
 MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
@@ -36,26 +37,6 @@ def _clean(value: Any) -> Any:
 def dumps_record(record: dict[str, Any]) -> str:
     """One canonical JSON line (sorted keys, no NaN) for a record."""
     return json.dumps(_clean(record), sort_keys=True, allow_nan=False)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file beside ``path``, fsync, rename over it (never a half-written file;
-    the temp name is unique, so processes writing the same file do not collide)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -53,7 +53,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -65,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.cachefiles import fsync_dir, key_lock, tensors_sha256
+from harness.cachefiles import atomic_write_with, key_lock, tensors_sha256
 from harness.errors import UserError
 from harness.models import LoadedModel, cache_dir, sha256_file
 from harness.nethook import on_inputs, stop_after
@@ -634,17 +633,7 @@ def _save_atomic(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     path.parent.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {**metadata, "content_sha256": tensors_sha256(cpu)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(cpu, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    atomic_write_with(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def _load(path: Path, name: str, device: torch.device) -> tuple[Tensor, dict[str, str]] | None:

@@ -73,3 +73,20 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch, shared_data):
+    """WikiText-2 for key statistics, with a per-test statistics cache."""
+    monkeypatch.setenv("KEH_CACHE", str(tmp_path / "cache"))
+    return str(shared_data / "wikitext-2" / "valid.txt")
+
+
+@pytest.fixture
+def restore(tiny_lm):
+    """Put every rewrite matrix of the shared tiny model back after the test."""
+    snap = {layer: tiny_lm.rewrite_weight(layer).clone() for layer in range(tiny_lm.n_layers)}
+    yield
+    with torch.no_grad():
+        for layer, w in snap.items():
+            tiny_lm.rewrite_weight(layer).copy_(w)

@@ -27,24 +27,9 @@ SMALL = dict(stats_tokens=4000, stats_seq_len=64, v_num_grad_steps=6, clamp_norm
              v_weight_decay=0.0, context_templates=[[4, 5]])
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch, shared_data):
-    monkeypatch.setenv("KEH_CACHE", str(tmp_path / "cache"))
-    return str(shared_data / "wikitext-2" / "valid.txt")
-
-
 @pytest.fixture(scope="module")
 def requests_(shared_data):
     return load(shared_data / "counterfact" / "counterfact-edit.json")[:3]
-
-
-@pytest.fixture
-def restore(tiny_lm):
-    snap = {layer: tiny_lm.rewrite_weight(layer).clone() for layer in range(tiny_lm.n_layers)}
-    yield
-    with torch.no_grad():
-        for layer, w in snap.items():
-            tiny_lm.rewrite_weight(layer).copy_(w)
 
 
 def _hp(method: str, **kw):

@@ -17,12 +17,6 @@ SMALL = dict(stats_tokens=4000, stats_seq_len=64, v_steps=8, n_context=2, contex
              clamp_norm_factor=200.0, v_weight_decay=0.0)
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch, shared_data):
-    monkeypatch.setenv("KEH_CACHE", str(tmp_path / "cache"))
-    return str(shared_data / "wikitext-2" / "valid.txt")
-
-
 @pytest.fixture(scope="module")
 def requests_(shared_data):
     return load(shared_data / "counterfact" / "counterfact-edit.json")[:4]

@@ -135,12 +135,6 @@ def test_blue_plan_is_direct_full_residuals_at_the_boundary_layers():
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch, shared_data):
-    monkeypatch.setenv("KEH_CACHE", str(tmp_path / "cache"))
-    return str(shared_data / "wikitext-2" / "valid.txt")
-
-
 @pytest.fixture(scope="module")
 def requests_(shared_data):
     return load(shared_data / "counterfact" / "counterfact-edit.json")[:4]

@@ -17,21 +17,6 @@ SMALL = dict(stats_tokens=4000, stats_seq_len=64, stats_sampling="tokens", v_num
              layers=[2])
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch, shared_data):
-    monkeypatch.setenv("KEH_CACHE", str(tmp_path / "cache"))
-    return str(shared_data / "wikitext-2" / "valid.txt")
-
-
-@pytest.fixture
-def restore(tiny_lm):
-    snap = {layer: tiny_lm.rewrite_weight(layer).clone() for layer in range(tiny_lm.n_layers)}
-    yield
-    with torch.no_grad():
-        for layer, w in snap.items():
-            tiny_lm.rewrite_weight(layer).copy_(w)
-
-
 def test_r_rome_write_is_exact_at_the_averaged_key(tiny_lm, corpus, shared_data, restore):
     """Delta k_avg = R (the residual z - h at the plain prompt) and Delta is rank one along
     C0^-1 k_avg, with k_avg averaged as MEMIT's compute_ks (half plain, half prefixed)."""

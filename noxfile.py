@@ -1,5 +1,7 @@
 """Sessions: ``tests`` (pytest), ``lint`` (ruff), ``benchmark`` (the reproduction grid, then the
-report), ``report`` (rebuild a report from run directories), ``perf`` (phase timings).
+report), ``report`` (rebuild a report from run directories), ``regress`` (a variant against its
+parent, gated by ``keh compare``), ``golden`` (regenerate the golden per-case numbers),
+``perf`` (phase timings).
 
 torch is pinned first (2.13.0: a CPU build lies on the project's machines; an unpinned torch
 would pull a multi-GB CUDA build). Data comes from ``$KEH_DATA_DIR``, else ``../shared/data``
@@ -63,6 +65,23 @@ def report(session: nox.Session) -> None:
     """Rebuild a report from run directories: ``nox -s report -- RUN_DIR... --out DIR``."""
     _install(session)
     session.run("python", "-m", "harness", "report", *session.posargs, env=_env())
+
+
+@nox.session
+def regress(session: nox.Session) -> None:
+    """Test a method variant against its parent and gate it with ``keh compare`` (exit 1 if
+    worse beyond a margin): ``-- --method NEW --against alphaedit [--n-edits 50]``."""
+    _install(session)
+    session.run("python", "-m", "harness.regress", *session.posargs, env=_env())
+
+
+@nox.session
+def golden(session: nox.Session) -> None:
+    """Regenerate the golden per-case numbers of every method
+    (``tests/fixtures/golden/golden.json``; review the diff). ``-- --check`` compares only."""
+    _install(session)
+    args = [] if "--check" in session.posargs else ["--write"]
+    session.run("python", "-m", "harness.golden", *args, env=_env())
 
 
 @nox.session

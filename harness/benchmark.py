@@ -5,6 +5,10 @@ A grid is a YAML file (``harness/grids/<name>.yaml`` or any path) with lists ``m
 ``out_dir``, ``report_dir`` (and optional ``data``, a suite file, and ``hparams_overrides`` per
 method). ``--jobs N`` runs the grid in N processes at once (for a GPU that one small model leaves
 idle); their manifests record ``concurrent_jobs``, since their timings share the device.
+``--launcher submitit`` submits the grid as submitit jobs instead (a Slurm job array after
+one job that fills the caches; ``--cluster local`` runs the same jobs on this machine):
+:mod:`harness.launch`. Either way each run is brought to complete by
+:func:`harness.launch.run_cell` (skip, set aside when stale, resume when killed).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -128,9 +131,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated: run only these methods of the grid")
     ap.add_argument("--seeds", default=None, help="comma-separated: run only these seeds")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "I/N", used by --jobs
+    sub = ap.add_argument_group("launcher (harness/launch.py)")
+    sub.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                     help="local: this process and --jobs workers (default); submitit: one "
+                          "job per run (a Slurm job array after a cache warm-up job)")
+    sub.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm",
+                     help="submitit executor (local: jobs on this machine; debug: in-process)")
+    sub.add_argument("--partition", default=None, help="Slurm partition")
+    sub.add_argument("--gpus-per-task", type=int, default=0, help="GPUs per job (default 0)")
+    sub.add_argument("--cpus-per-task", type=int, default=None,
+                     help="CPU cores per job (also its torch threads)")
+    sub.add_argument("--max-parallel", type=int, default=8,
+                     help="runs at once (the Slurm array's %%K; default 8)")
+    sub.add_argument("--timeout-min", type=int, default=24 * 60,
+                     help="time limit per job in minutes (a job that reaches it is requeued "
+                          "and continues; default 1440)")
+    sub.add_argument("--log-dir", default=None,
+                     help="submitit's job files and logs (default <out>/.submitit; on Slurm a "
+                          "directory every node sees)")
+    sub.add_argument("--no-wait", action="store_true",
+                     help="Slurm: submit and return (report later with keh report)")
     args = ap.parse_args(argv)
+    from harness import launch
     from harness.models import load_model
-    from harness.runner import run
 
     try:
         grids = load_grid(args.grid)
@@ -150,7 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds:
             seeds = {int(x) for x in args.seeds.split(",")}
             configs = [c for c in configs if c.seed in seeds]
-        if not args.shard:  # workers find the caches filled by their parent
+        if args.launcher == "submitit":
+            if args.jobs > 1:
+                raise UserError("--jobs is for --launcher local; with submitit use "
+                                "--max-parallel")
+            opts = launch.LaunchOptions(
+                cluster=args.cluster, partition=args.partition, gpus_per_task=args.gpus_per_task,
+                cpus_per_task=args.cpus_per_task, max_parallel=args.max_parallel,
+                timeout_min=args.timeout_min, log_dir=args.log_dir, wait=not args.no_wait)
+            launch.submit_grid(configs, opts)
+            if args.no_wait:
+                return 0
+        elif not args.shard:  # workers find the caches filled by their parent
             pending = [c for c in configs if needs_run(c)]
             if pending:
                 warm_caches(pending)
@@ -161,32 +195,25 @@ def main(argv: list[str] | None = None) -> int:
             index, total = (int(x) for x in args.shard.split("/"))
             configs = configs[index::total]
             args.no_report = True
-        loaded: dict[str, Any] = {}
-        run_dirs = []
-        for i, cfg in enumerate(configs):
-            run_dir = Path(cfg.out_dir) / cfg.default_run_id()
-            run_dirs.append(run_dir)
-            if args.jobs > 1 and not is_complete(run_dir):
-                raise UserError(f"run {run_dir} did not complete in its worker (see above)")
-            if is_complete(run_dir):
-                changed = stale(run_dir, cfg)
-                if not changed:
-                    print(f"[{i + 1}/{len(configs)}] skip (complete): {run_dir}")
-                    continue
-                kept = _set_aside(run_dir)
-                print(f"[{i + 1}/{len(configs)}] {run_dir} is complete but stale: "
-                      f"{'; '.join(changed)}; kept as {kept}, running again")
-            if run_dir.exists():
-                print(f"[{i + 1}/{len(configs)}] incomplete run {run_dir} is started again")
-                shutil.rmtree(run_dir)
-            print(f"[{i + 1}/{len(configs)}] {cfg.method} / {cfg.suite} / {cfg.model} "
-                  f"/ seed {cfg.seed}")
-            key = f"{cfg.model}|{cfg.device}|{cfg.dtype}|{cfg.seed}"
-            if key not in loaded:
-                loaded.clear()
-                loaded[key] = load_model(cfg.model, cfg.device, cfg.dtype, seed=cfg.seed)
-            lm = loaded[key]
-            run(cfg, lm=lm)  # restores the weights it edited
+        run_dirs = [Path(c.out_dir) / c.default_run_id() for c in configs]
+        if args.jobs > 1 or args.launcher == "submitit":  # workers or jobs ran them
+            missing = [str(d) for d in run_dirs if not is_complete(d)]
+            if missing:
+                raise UserError(f"run(s) {', '.join(missing)} did not complete in their "
+                                f"worker (see above)")
+        else:
+            loaded: dict[str, Any] = {}
+
+            def lm_for(cfg: RunConfig) -> Any:
+                key = f"{cfg.model}|{cfg.device}|{cfg.dtype}|{cfg.seed}"
+                if key not in loaded:
+                    loaded.clear()
+                    loaded[key] = load_model(cfg.model, cfg.device, cfg.dtype, seed=cfg.seed)
+                return loaded[key]
+
+            for i, cfg in enumerate(configs):
+                prefix = f"[{i + 1}/{len(configs)}]"
+                launch.run_cell(cfg, log=lambda s, p=prefix: print(f"{p} {s}"), lm_for=lm_for)
         print_table(run_dirs)
         if not args.no_report:
             from reports.build import build_report
@@ -197,6 +224,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"keh: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def needs_warm(cfg: RunConfig) -> bool:
+    """Whether the run of ``cfg`` reads a cache :func:`warm_caches` fills (key statistics and
+    projectors of a locate-then-edit method, the unedited model's downstream scores)."""
+    from methods import get_method
+    from methods.base import load_hparams
+    from methods.locate import LocateHparams
+
+    if cfg.downstream:
+        return True
+    hp, _ = load_hparams(get_method(cfg.method).Hparams, cfg.method, cfg.model, cfg.hparams,
+                         cfg.hparams_overrides, preset=cfg.preset)
+    return isinstance(hp, LocateHparams)
 
 
 def warm_caches(configs: list[RunConfig]) -> None:

@@ -1,4 +1,5 @@
-"""Command line: ``keh run``, ``keh list``, ``keh report`` (also ``python -m harness``).
+"""Command line: ``keh run``, ``keh list``, ``keh report``, ``keh compare`` (also
+``python -m harness``).
 
 Bad input ends with one line on stderr (``keh: error: ...``) and exit status 2, and so does a
 run stopped by ``--stop-on-error``. ``keh run --resume RUN_DIR`` continues a killed run.
@@ -113,6 +114,34 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--alpha", type=float, default=0.05, help="family-wise level (Holm)")
     rp.add_argument("--n-resamples", type=int, default=2000, help="bootstrap resamples")
     rp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+
+    cp = sub.add_parser(
+        "compare", help="regression gate: is the candidate worse than the baseline? "
+        "(exit 1 if so, 0 if not, 2 on bad input)",
+        description="Pair the runs by case (seeds averaged per case) and test, per metric, "
+        "whether the candidate is worse than the baseline by more than the metric's margin "
+        "(one-sided cluster sign-flip tests at the independent units, Holm across metrics). "
+        "Default metrics: CounterFact efficacy_success, paraphrase_success, "
+        "neighborhood_success, efficacy_margin; zsRE efficacy_accuracy, paraphrase_accuracy, "
+        "specificity_accuracy, efficacy_margin. Default margins: 0.02 (2 points) for rates "
+        "and accuracies, 0.25 nats for efficacy_margin.")
+    cp.add_argument("--baseline", nargs="+", required=True, metavar="RUN_DIR",
+                    help="runs of the baseline (one method and setting; seeds may differ)")
+    cp.add_argument("--candidate", nargs="+", required=True, metavar="RUN_DIR",
+                    help="runs of the candidate on the same cases, data and model")
+    cp.add_argument("--metrics", default=None, metavar="M,...",
+                    help="record fields to compare (default: the suite's four)")
+    cp.add_argument("--margin", action="append", default=[], metavar="M=V",
+                    help="non-inferiority margin of metric M in its own units (repeatable or "
+                         "comma-separated; default 0.02 for rates, 0.25 for efficacy_margin)")
+    cp.add_argument("--lower-is-better", default="", metavar="M,...",
+                    help="metrics where lower is better (diag_z_error and kernel energy are "
+                         "known)")
+    cp.add_argument("--alpha", type=float, default=0.05,
+                    help="level of each one-sided test, Holm across metrics (default 0.05)")
+    cp.add_argument("--require-noninferiority", action="store_true",
+                    help="exit 1 also when a metric is not shown non-inferior")
+    cp.add_argument("--json", default=None, metavar="FILE", help="write the table as JSON")
     return parser
 
 
@@ -160,6 +189,20 @@ def _cmd_list() -> None:
                       "models": known_models()}, indent=2))
 
 
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from reports.compare import parse_margins, run_compare
+
+    return run_compare(args.baseline, args.candidate, metrics=_names(args.metrics),
+                       margins=parse_margins(args.margin), alpha=args.alpha,
+                       lower_is_better=_names(args.lower_is_better) or [],
+                       require_noninferiority=args.require_noninferiority,
+                       json_path=args.json)
+
+
 def one_line(message: str) -> str:
     """A message on one line (a multi-line library message joined with spaces)."""
     return " ".join(part.strip() for part in message.splitlines() if part.strip())
@@ -185,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                                  treatment=args.treatment, alpha=args.alpha,
                                  n_resamples=args.n_resamples, seed=args.seed)
             print(f"report: {index}")
+        elif args.command == "compare":
+            return _cmd_compare(args)
     except UserError as exc:
         print(f"keh: error: {one_line(str(exc))}", file=sys.stderr)
         return 2

@@ -37,16 +37,16 @@ import torch
 
 from harness.errors import UserError
 from harness.models import LoadedModel
-from methods import alignment, alphaedit, memit, rome
+from methods import alignment, alphaedit, emmet, memit, rome
 from methods.base import EditOutcome, EditRequest
 from methods.keys import averaged_keys, value_module
 from methods.locate import Solver, edit_batch, layer_statistics
 from methods.locate import prepare as prepare  # runner hook
-from methods.solvers import alphaedit_A, memit_A, rome_A
+from methods.solvers import alphaedit_A, emmet_A, memit_A, rome_A
 from methods.targets import TargetProblem, add_at_sites
 
 NAME = "metake"
-SOLVERS = ("alphaedit", "memit", "rome")
+SOLVERS = ("alphaedit", "memit", "rome", "emmet")
 
 
 @dataclass
@@ -54,11 +54,15 @@ class Hparams(alphaedit.Hparams):
     """Upper level: ``outer_steps`` Adam steps of size ``outer_lr`` on V, locality weight
     ``beta``, proximity weight ``gamma`` (scaled by |z0|^2 per edit), targets clamped to
     ``outer_clamp_factor * |z0|`` from z0. ``solver``: the lower level (alphaedit | memit |
-    rome); ``mom2_update_weight`` is MEMIT's lambda when solver is memit. ``proxy_layer``:
-    layer carrying the proxy (None: the last edited layer)."""
+    rome | emmet); ``mom2_update_weight`` is MEMIT's lambda (and EMMET's lambda_m) when
+    solver is memit (emmet), ``emmet_lambda`` / ``update_norm_lambda`` EMMET's mu_e / mu_u
+    (:mod:`methods.emmet`). ``proxy_layer``: layer carrying the proxy (None: the last edited
+    layer)."""
 
     solver: str = "alphaedit"
     mom2_update_weight: float = 15000.0
+    emmet_lambda: float = 0.1
+    update_norm_lambda: float = 0.0
     outer_steps: int = 10
     outer_lr: float = 0.5
     beta: float = 0.0625
@@ -92,6 +96,9 @@ def proxy_A(lm: LoadedModel, hp: Hparams, layer: int, K1: torch.Tensor, P: dict[
     C0, _, _ = layer_statistics(lm, hp, [layer])
     if hp.solver == "memit":
         return memit_A(K, C0[layer].double(), hp.mom2_update_weight)
+    if hp.solver == "emmet":
+        ridge = hp.emmet_lambda if K.shape[1] > 1 else 0.0
+        return emmet_A(K, emmet.preservation_matrix(C0[layer].double(), hp), ridge)
     return rome_A(K[:, 0], C0[layer].double())
 
 
@@ -195,6 +202,8 @@ def _solver(lm: LoadedModel, hp: Hparams, state: dict[str, Any]) -> Solver:
         return alphaedit.solver_for(lm, hp, state, hp.L2)
     if hp.solver == "memit":
         return memit.solver_for(lm, hp)
+    if hp.solver == "emmet":
+        return emmet.solver_for(lm, hp)
     return rome.solver_for(lm, hp)
 
 

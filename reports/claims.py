@@ -617,11 +617,32 @@ def t7_ordering(runs: Runs, s: Settings) -> list[dict[str, Any]]:
         return _row("T7", test, f"mean ROME gain, TOST margin +-{m:g}", lo.mean,
                     (ci.lo, ci.hi), p, lo.n, ok,
                     f"gain in {col}; 90% CI ({ci.method}); equivalence shown with 80% "
-                    f"power only if |true gain| <= {m - lo.mde:.3g}",
+                    f"power only if |true gain| <= {m - lo.mde:.3g}; {rome_variant(runs)}",
                     unit=pr.unit_name(), n_clusters=lo.n_clusters, mde=lo.mde)
 
     rows.append(_guard("T7", test, "mean", control))
     return rows
+
+
+#: ROME hparams that say which ROME a run is (the faithful preset: the original's)
+ROME_SWITCHES = ("denominator_key", "key_averaging", "mom2_adjustment", "value_site")
+
+
+def rome_variant(runs: Runs) -> str:
+    """Which ROME the T7 control compared: the ROME arm's switches from its manifests, and
+    MetaKE's ROME lower level (always the C0-whitened solve with the template-averaged key:
+    ``methods.solvers.rome_A``, r-ROME's variant, whatever the ROME arm used)."""
+    seen = []
+    for rid in runs.run_ids:
+        if runs.arm_of(rid) != ROME:
+            continue
+        hp = runs.manifests[rid].get("hparams") or {}
+        text = ", ".join(f"{k}={hp[k]}" for k in ROME_SWITCHES if k in hp) or "legacy hparams"
+        if text not in seen:
+            seen.append(text)
+    arm = "; ".join(seen) or "no ROME run"
+    return (f"ROME arm: {arm}; metake-rome's lower level: C0-whitened solve with the "
+            f"template-averaged key (r-ROME's variant)")
 
 
 def _per_batch(rows: pd.DataFrame, column: str) -> pd.Series:

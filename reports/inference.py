@@ -21,6 +21,14 @@ Every function takes per-observation values and a cluster label per observation;
 * :func:`stratified_auc_test`: AUC of a score separating positives from negatives, p-value
   by permuting the cases' scores within strata (batches), jointly over runs (seeds), so the
   null keeps both the batch structure and the correlation of a case's copies across seeds.
+* :func:`paired_binary_margin_test`: paired 0/1 outcomes (candidate, baseline) per
+  independent case, H0 on the difference of proportions D = p(1,0) - p(0,1) at a margin
+  Delta0: Tango's (1998) score statistic Z = (b - c - n Delta0) / sqrt(n (2 q~ + Delta0
+  - Delta0^2)) with q~ the restricted MLE of p(0,1) (root of a quadratic), and its exact
+  unconditional p-value: the largest tail probability of Z over the nuisance p(0,1) on the
+  H0 boundary (trinomial model; asymptotic normal above :data:`TANGO_EXACT_MAX_N` cases).
+  Unlike a sign-flip test at a non-zero margin it stays valid when almost every pair is
+  tied (no discordant case says little about a 2-point margin).
 * :func:`mde`: the minimum detectable effect at 80% power from the null spread of a test
   statistic: (q_{1-alpha/2} + q_{power}) * sd_0 with t quantiles on G - 1 degrees of freedom
   (normal for G >= 200); infinite where the randomisation test cannot reach alpha.
@@ -165,6 +173,19 @@ def cr1_se(sums: np.ndarray, counts: np.ndarray) -> float:
     return float(math.sqrt(g / (g - 1) * np.sum(e**2)) / n)
 
 
+def _bootstrap_t(sums: np.ndarray, counts: np.ndarray, centre: float) -> np.ndarray:
+    """The finite t* = (mean* - centre) / se*_CR1 of bootstrap cluster sums (B, G) with
+    counts (B, G) or (G,)."""
+    g = sums.shape[1]
+    n = np.broadcast_to(counts, sums.shape).sum(axis=1)
+    m = sums.sum(axis=1) / n
+    e = sums - counts * m[:, None]
+    se = np.sqrt(g / (g - 1) * np.sum(e**2, axis=1)) / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (m - centre) / se
+    return t[np.isfinite(t)]
+
+
 def wild_cluster_ci(values: Any, clusters: Any = None, confidence: float = 0.95,
                     n_draws: int = 1999, seed: int | np.random.Generator | None = 0,
                     alternative: str = "two-sided") -> ClusterCI:
@@ -185,13 +206,7 @@ def wild_cluster_ci(values: Any, clusters: Any = None, confidence: float = 0.95,
         return ClusterCI(mean, mean, mean, n, g, 0.0, "degenerate")
     e = sums - counts * mean
     w = _rng(seed).choice(WEBB, size=(n_draws, g))
-    s_star = counts * mean + w * e  # (B, G)
-    m_star = s_star.sum(axis=1) / n
-    e_star = s_star - counts * m_star[:, None]
-    se_star = np.sqrt(g / (g - 1) * np.sum(e_star**2, axis=1)) / n
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_star = (m_star - mean) / se_star
-    t_star = t_star[np.isfinite(t_star)]
+    t_star = _bootstrap_t(counts * mean + w * e, counts, mean)  # sums (B, G)
     a = 1.0 - confidence
     if alternative == "greater":
         return ClusterCI(mean, mean - float(np.quantile(t_star, 1 - a)) * se, math.inf, n, g,
@@ -199,6 +214,119 @@ def wild_cluster_ci(values: Any, clusters: Any = None, confidence: float = 0.95,
     lo = mean - float(np.quantile(t_star, 1 - a / 2)) * se
     hi = mean - float(np.quantile(t_star, a / 2)) * se
     return ClusterCI(mean, lo, hi, n, g, se, "wild cluster bootstrap-t (Webb)")
+
+
+def cluster_bootstrap_t_test(values: Any, clusters: Any = None, mu0: float = 0.0,
+                             alternative: str = "greater", n_draws: int = 1999,
+                             seed: int | np.random.Generator | None = 0) -> PermResult:
+    """One-sided cluster (pairs) bootstrap-t test of H0: mean = ``mu0``.
+
+    t = (mean - mu0) / se with the CR1 standard error; its null distribution is that of
+    t* = (mean* - mean) / se* over B resamples of whole clusters with replacement. Unlike a
+    sign-flip or wild bootstrap (symmetric by construction) it follows a skewed distribution
+    of the cluster totals, with a one-sided error of order 1/G instead of 1/sqrt(G)
+    (Hall 1992). ``statistic`` is t; ``alternative`` "greater" (H1 mean > mu0) or "less"."""
+    if alternative not in ("greater", "less"):
+        raise ValueError(f"alternative must be greater or less, not {alternative!r}")
+    sums, counts = cluster_sums(values, clusters)
+    g = sums.size
+    if g < 3:
+        return PermResult(math.nan, math.nan, int(counts.sum()), math.nan, "none")
+    n = counts.sum()
+    mean = sums.sum() / n
+    se = cr1_se(sums, counts)
+    sign = 1.0 if alternative == "greater" else -1.0
+    if se == 0:  # every cluster mean equal: the data leave no doubt about the sign
+        t = sign * math.inf if mean != mu0 else 0.0
+        return PermResult(t, 0.0 if sign * (mean - mu0) > 0 else 1.0, int(n), 0.0,
+                          "degenerate")
+    t_obs = (mean - mu0) / se
+    idx = _rng(seed).integers(0, g, size=(n_draws, g))
+    t_b = _bootstrap_t(sums[idx], counts[idx], mean)
+    exceed = np.sum(sign * t_b >= sign * t_obs)
+    p = float((exceed + 1) / (t_b.size + 1))
+    return PermResult(float(t_obs), p, int(n), float(np.std(t_b)),
+                      "cluster bootstrap-t")
+
+
+#: exact unconditional p-values up to this many cases (asymptotic normal above)
+TANGO_EXACT_MAX_N = 400
+#: points of the nuisance grid of the exact unconditional p-value
+TANGO_GRID = 200
+
+
+def tango_z(b: Any, c: Any, n: int, delta0: float) -> np.ndarray:
+    """Tango's score statistic for H0: p(1,0) - p(0,1) = ``delta0`` from ``b`` = #(1,0) and
+    ``c`` = #(0,1) discordant pairs of ``n`` (arrays broadcast)."""
+    b, c = np.asarray(b, dtype=float), np.asarray(c, dtype=float)
+    a_ = 2.0 * n
+    b_ = -(b + c) + (2.0 * n - b + c) * delta0
+    c_ = -c * delta0 * (1.0 - delta0)
+    q = (-b_ + np.sqrt(np.maximum(b_**2 - 4 * a_ * c_, 0.0))) / (2 * a_)
+    var = n * (2 * q + delta0 - delta0**2)
+    num = b - c - n * delta0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = num / np.sqrt(var)
+        edge = np.where(num == 0, 0.0, np.sign(num) * np.inf)
+    return np.where(var > 0, z, edge)
+
+
+def paired_binary_margin_test(x: Any, y: Any, delta0: float,
+                              alternative: str = "greater") -> PermResult:
+    """Test H0: p(x=1) - p(y=1) = ``delta0`` for paired 0/1 outcomes, one pair per independent
+    case (module notes). ``alternative="greater"``: H1 difference > delta0 (e.g. non-inferior
+    at delta0 = -margin); ``"less"``: H1 difference < delta0. ``statistic`` is Tango's Z."""
+    x = np.asarray(x, dtype=float).ravel()
+    y = np.asarray(y, dtype=float).ravel()
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    n = x.size
+    if n == 0:
+        return PermResult(math.nan, math.nan, 0, math.nan, "none")
+    if not abs(delta0) < 1:
+        raise ValueError(f"delta0 must be in (-1, 1), not {delta0}")
+    b = int(np.sum((x == 1) & (y == 0)))
+    c = int(np.sum((x == 0) & (y == 1)))
+    z_obs = float(tango_z(b, c, n, delta0))
+    if alternative not in ("greater", "less"):
+        raise ValueError(f"alternative must be greater or less, not {alternative!r}")
+    sign = 1.0 if alternative == "greater" else -1.0
+    if n > TANGO_EXACT_MAX_N:
+        p = float(stats.norm.sf(sign * z_obs))
+        return PermResult(z_obs, p, n, 1.0, "Tango score test (asymptotic)")
+    # every (b, c) with b + c <= n; Z is free of the nuisance, the probabilities are not
+    bb, cc = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    keep = bb + cc <= n
+    bb, cc = bb[keep].astype(float), cc[keep].astype(float)
+    tail = sign * tango_z(bb, cc, n, delta0) >= sign * z_obs - 1e-9 * max(1.0, abs(z_obs))
+    bb, cc = bb[tail], cc[tail]
+    if bb.size == 0:
+        return PermResult(z_obs, 0.0, n, 1.0, "Tango score test (exact unconditional)")
+    log_coef = (math.lgamma(n + 1) - _lgamma(bb + 1) - _lgamma(cc + 1)
+                - _lgamma(n - bb - cc + 1))
+    # H0 boundary: p(1,0) = q + delta0 >= 0, p(0,1) = q, 2 q + delta0 <= 1
+    lo, hi = max(0.0, -delta0), (1.0 - delta0) / 2.0
+    p = 0.0
+    for q in np.linspace(lo, hi, TANGO_GRID):
+        p10, p01 = q + delta0, q
+        p00 = 1.0 - p10 - p01
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logp = (log_coef + _xlogy(bb, p10) + _xlogy(cc, p01) + _xlogy(n - bb - cc, p00))
+        p = max(p, float(np.exp(logp).sum()))
+    return PermResult(z_obs, min(1.0, p), n, 1.0, "Tango score test (exact unconditional)")
+
+
+def _lgamma(a: np.ndarray) -> np.ndarray:
+    from scipy.special import gammaln
+
+    return gammaln(a)
+
+
+def _xlogy(k: np.ndarray, p: float) -> np.ndarray:
+    """k log p with 0 log 0 = 0 (and -inf where k > 0, p = 0)."""
+    from scipy.special import xlogy
+
+    return xlogy(k, p)
 
 
 def mde(null_sd: float, n_clusters: int, alpha: float = 0.05, power: float = POWER,

@@ -3,6 +3,7 @@ the structural hypergradient, and the outer loop lowers the loss the solver will
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,4 +92,33 @@ def test_bad_solver_is_rejected():
     from methods import metake
 
     with pytest.raises(UserError, match="solver must be one of"):
-        hparams_from_dict(metake.Hparams, {"solver": "emmet"})
+        hparams_from_dict(metake.Hparams, {"solver": "prune"})
+
+
+def test_metake_over_emmet_learns_targets_through_emmets_solver(tiny_lm, corpus, shared_data,
+                                                                restore):
+    """MetaKE with EMMET as its lower level: the proxy's A is EMMET's (equality constraints on
+    the keys), the write is EMMET's, and the learned targets lower the proxy loss."""
+    from methods import emmet, metake
+    from methods.locate import layer_statistics
+    from suites.counterfact import load
+
+    reqs = load(shared_data / "counterfact" / "counterfact-edit.json")[:3]
+    hp = hparams_from_dict(metake.Hparams, {**SMALL, "layers": [1, 2], "stats_corpus": corpus,
+                                            "solver": "emmet", "mom2_update_weight": 1.0,
+                                            "outer_steps": 4, "outer_clamp_factor": 200.0,
+                                            "gamma": 0.0, "outer_lr": 1.0})
+    C0, _, _ = layer_statistics(tiny_lm, hp, [2])
+    K = torch.randn(C0[2].shape[0], 3, dtype=torch.float64)
+    A = metake.proxy_A(tiny_lm, hp, 2, K, {}, {})
+    # EMMET writes every edit exactly on its key (up to the ridge mu_e): A K ~ I
+    assert torch.allclose(A @ K, torch.eye(3, dtype=torch.float64), atol=0.2)
+    eh = hparams_from_dict(emmet.Hparams, {**SMALL, "layers": [1, 2], "stats_corpus": corpus,
+                                           "mom2_update_weight": 1.0})
+    ridge_free = metake.emmet_A(K, emmet.preservation_matrix(C0[2].double(), eh), 0.0)
+    assert torch.allclose(ridge_free @ K, torch.eye(3, dtype=torch.float64), atol=1e-6)
+    out = metake.edit(tiny_lm, reqs, hp, {})
+    assert not out.state  # EMMET carries no solver state
+    for d in out.diagnostics:
+        assert d["proxy_nll_final"] < d["proxy_nll_open_loop"]
+        assert np.isfinite(d["rho"])

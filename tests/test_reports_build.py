@@ -243,7 +243,9 @@ def test_t7_ordering_with_solver_variants(tmp_path):
     gains = {"alphaedit": 1.0, "memit": 0.5, "rome": 0.0}
     dirs = []
     for solver, gain in gains.items():
-        dirs.append(make_run(tmp_path, solver))
+        hp = ({"layers": [1], "denominator_key": "plain", "key_averaging": "uniform",
+               "mom2_adjustment": False, "value_site": "mlp"} if solver == "rome" else None)
+        dirs.append(make_run(tmp_path, solver, hparams=hp))
         dirs.append(make_run(tmp_path, "metake", margin_gain=gain, run_id=f"metake_{solver}",
                              hparams={"solver": solver}))
     runs = load_runs(dirs)
@@ -253,6 +255,10 @@ def test_t7_ordering_with_solver_variants(tmp_path):
     assert list(detail["verdict"]) == ["supported"] * 3
     # the negative control is an equivalence test (TOST) with a p-value in the Holm family
     assert np.isfinite(detail["p"].iloc[2]) and "TOST" in detail["test"].iloc[2]
+    # the report says which ROME the control used, and which ROME MetaKE's lower level is
+    assert ("ROME arm: denominator_key=plain, key_averaging=uniform, mom2_adjustment=False, "
+            "value_site=mlp" in detail["detail"].iloc[2])
+    assert "metake-rome's lower level: C0-whitened" in detail["detail"].iloc[2]
 
 
 def test_runs_without_a_common_seed_or_weights_are_not_paired(tmp_path):

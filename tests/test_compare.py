@@ -1,0 +1,215 @@
+"""``keh compare``: calibration of its margin tests by simulation, its exit codes and messages on
+synthetic run directories, and end to end on runs of a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.cli import main
+from reports import inference as inf
+from reports.compare import margin_tests
+from tests.test_reports_build import CASES, make_run
+
+ALPHA = 0.05
+
+
+def _upper(rate: float, reps: int) -> float:
+    """Largest Monte Carlo rejection rate consistent with a true size ``rate`` (one-sided 99%)."""
+    return rate + 2.33 * math.sqrt(rate * (1 - rate) / reps)
+
+
+def _binary(rng, n, batch, p_worse, p_better, corr):
+    """Paired 0/1 outcomes with E[cand - base] = p_better - p_worse; within a batch the
+    discordance draws share a shock with probability ``corr``."""
+    g = np.arange(n) // batch
+    shock = rng.random(g.max() + 1)[g]
+    u = np.where(rng.random(n) < corr, shock, rng.random(n))
+    d = np.where(u < p_better, 1, np.where(u < p_better + p_worse, -1, 0))
+    base = np.where(d == -1, 1, np.where(d == 1, 0, rng.random(n) < 0.8)).astype(float)
+    cand = np.where(d == 1, 1, np.where(d == -1, 0, base)).astype(float)
+    return cand - base, g, (cand, base)
+
+
+def _continuous(rng, n, batch, mean):
+    """Batch effects plus skewed (centred gamma) case noise around ``mean``."""
+    g = np.arange(n) // batch
+    return mean + rng.normal(0, 0.3, g.max() + 1)[g] + 0.5 * (rng.gamma(1.0, 1.0, n) - 1), \
+        g, None
+
+
+SCENARIOS = {
+    # (generator, margin): every one has true mean difference exactly -margin (the boundary)
+    "0/1, cases, rare discordance": (lambda r: _binary(r, 30, 1, 0.02, 0.0, 0.0), 0.02),
+    "0/1, cases, frequent discordance": (lambda r: _binary(r, 30, 1, 0.2, 0.18, 0.0), 0.02),
+    "0/1, batches of 10, rare, correlated": (lambda r: _binary(r, 60, 10, 0.02, 0.0, 0.8),
+                                             0.02),
+    "0/1, batches of 10, frequent, correlated": (lambda r: _binary(r, 60, 10, 0.2, 0.18, 0.8),
+                                                 0.02),
+    "continuous, batches of 10": (lambda r: _continuous(r, 100, 10, -0.25), 0.25),
+    "continuous, cases": (lambda r: _continuous(r, 30, 1, -0.25), 0.25),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_margin_tests_hold_their_level_at_the_margin(name):
+    """At the boundary (true difference = -margin) neither one-sided test rejects more often
+    than alpha: not 'worse' (exit 1) and not 'non-inferior'. The 'rare discordance' cases are
+    where a sign-flip test at a non-zero margin alone fails (it rejected 25% of true nulls)."""
+    gen, margin = SCENARIOS[name]
+    rng = np.random.default_rng(7)
+    reps = 300
+    worse = noninf = 0
+    for r in range(reps):
+        d, units, pairs = gen(rng)
+        t = margin_tests(d, units, margin, ALPHA, n_draws=499, seed=r, binary_pairs=pairs)
+        worse += t.p_worse < ALPHA
+        noninf += t.p_noninferior < ALPHA
+    assert worse / reps <= _upper(ALPHA, reps), (name, worse / reps)
+    assert noninf / reps <= _upper(ALPHA, reps), (name, noninf / reps)
+
+
+def test_margin_tests_detect_a_real_regression():
+    rng = np.random.default_rng(3)
+    hits = 0
+    for r in range(100):  # candidate 15 points worse on a 0/1 outcome, 100 single edits
+        d, units, pairs = _binary(rng, 100, 1, 0.2, 0.05, 0.0)
+        hits += margin_tests(d, units, 0.02, ALPHA, seed=r, binary_pairs=pairs).p_worse < ALPHA
+    assert hits >= 65  # measured: 77 of 100
+    d, units, _ = _continuous(rng, 100, 10, -1.5)
+    assert margin_tests(d, units, 0.25, ALPHA).p_worse < ALPHA
+
+
+def test_tango_exact_matches_the_binomial_bound_when_every_pair_ties():
+    """All n pairs tied: non-inferiority at margin m is shown exactly when (1 - m)^n < alpha,
+    i.e. from 149 cases at m = 0.02 (no discordant pair in 149 has probability 0.0497 if the
+    candidate loses 2% of cases)."""
+    ones = np.ones(149)
+    assert inf.paired_binary_margin_test(ones, ones, -0.02, "greater").p < ALPHA
+    ones = np.ones(140)
+    assert inf.paired_binary_margin_test(ones, ones, -0.02, "greater").p > ALPHA
+    assert inf.paired_binary_margin_test(ones, ones, -0.02, "less").p == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- the command
+@pytest.fixture
+def runs(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "base": make_run(tmp_path, "alphaedit", 0),
+        "seed1": make_run(tmp_path, "alphaedit", 1),
+        "worse": make_run(tmp_path, "memit", 0, margin_gain=-4.0),
+        "cases": make_run(tmp_path, "memit", 2, case_ids=[c + "x" for c in CASES],
+                          run_id="other_cases"),
+        "model": make_run(tmp_path, "memit", 3, model_sha="z" * 64, run_id="other_model"),
+    }
+
+
+def _compare(capsys, *args: str) -> tuple[int, str, str]:
+    status = main(["compare", *args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_worse_candidate_exits_1_and_json_has_the_table(runs, tmp_path, capsys):
+    path = tmp_path / "cmp.json"
+    status, out, _ = _compare(capsys, "--baseline", str(runs["base"]), "--candidate",
+                              str(runs["worse"]), "--json", str(path))
+    assert status == 1
+    assert "worse" in out and "efficacy_margin" in out
+    doc = json.loads(path.read_text())
+    assert doc["exit_status"] == 1
+    verdicts = {r["metric"]: r["verdict"] for r in doc["results"]}
+    assert verdicts["efficacy_margin"] == "worse"
+    assert set(verdicts) == {"efficacy_success", "paraphrase_success", "neighborhood_success",
+                             "efficacy_margin"}
+    assert "sharing a batch (12" in doc["unit"]
+
+
+def test_a_second_seed_is_not_worse_and_noninferiority_can_be_required(runs, capsys):
+    args = ["--baseline", str(runs["base"]), "--candidate", str(runs["seed1"])]
+    status, out, _ = _compare(capsys, *args)
+    assert status == 0, out
+    assert "worse" not in out.split("\n", 1)[1].replace("p worse", "")
+    # 12 units cannot show a 2-point margin on 0/1 outcomes: a warning, and exit 1 if required
+    assert "warning:" in out
+    status, _, _ = _compare(capsys, *args, "--require-noninferiority")
+    assert status == 1
+    # a generous margin on the margin metric alone is shown
+    status, out, _ = _compare(capsys, *args, "--metrics", "efficacy_margin", "--margin",
+                              "efficacy_margin=1.0", "--require-noninferiority")
+    assert status == 0 and "non-inferior" in out
+
+
+@pytest.mark.parametrize("which,needle", [("cases", "different cases"),
+                                          ("model", "different model sha256")])
+def test_runs_that_cannot_be_paired_exit_2_naming_the_difference(runs, capsys, which, needle):
+    status, _, err = _compare(capsys, "--baseline", str(runs["base"]), "--candidate",
+                              str(runs[which]))
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keh: error:") and needle in lines[0]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--metrics", "nope"], "metric 'nope' is not in the baseline"),
+    (["--margin", "paraphrase_success=x"], "is not a number"),
+    (["--metrics", "efficacy_margin", "--margin", "efficacy_success=0.1"],
+     "--margin names metric(s) not compared"),
+    (["--metrics", "diag_rho"], "has no default margin"),
+    (["--alpha", "0.7"], "--alpha must be in (0, 0.5)"),
+])
+def test_bad_options_exit_2_with_one_line(runs, capsys, extra, needle):
+    status, _, err = _compare(capsys, "--baseline", str(runs["base"]), "--candidate",
+                              str(runs["seed1"]), *extra)
+    assert status == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_side_must_be_one_method(runs, capsys):
+    status, _, err = _compare(capsys, "--baseline", str(runs["base"]), str(runs["worse"]),
+                              "--candidate", str(runs["seed1"]))
+    assert status == 2 and "one method with one setting" in err
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_tiny_model(tmp_path, capsys, shared_data):
+    """FT (baseline, unconstrained so that it writes the facts into a random model) against no
+    edit at all (candidate) on 12 single edits of a random Llama: the candidate is far worse,
+    exit 1; a run on other weights cannot be paired."""
+    common = ["--model", "random:llama-tiny", "--suite", "counterfact", "--n-edits", "12",
+              "--batch-size", "1", "--out", str(tmp_path), "--data-dir", str(shared_data)]
+    assert main(["run", "--method", "ft", "--run-id", "ft", "--set", "norm_constraint=10",
+                 "--set", "lr=0.05", *common]) == 0
+    assert main(["run", "--method", "noop", "--run-id", "noop", *common]) == 0
+    assert main(["run", "--method", "noop", "--run-id", "noop_s1", "--seed", "1", *common]) == 0
+    capsys.readouterr()
+    status, out, _ = _compare(capsys, "--baseline", str(tmp_path / "ft"), "--candidate",
+                              str(tmp_path / "noop"))
+    assert status == 1, out
+    status, _, err = _compare(capsys, "--baseline", str(tmp_path / "noop"), "--candidate",
+                              str(tmp_path / "noop_s1"))
+    assert status == 2 and "model sha256" in err
+
+
+@pytest.mark.slow
+def test_regress_runs_both_sides_once_and_gates(tmp_path, capsys, shared_data, monkeypatch):
+    """``nox -s regress``: both sides run, a second call reuses them, the gate's exit status
+    comes back; a candidate equal to the baseline is refused."""
+    from harness import regress
+
+    monkeypatch.setenv("KEH_DATA_DIR", str(shared_data))
+    args = ["--method", "noop", "--against", "ft", "--model", "random:llama-tiny",
+            "--n-edits", "6", "--batch-size", "2", "--out", str(tmp_path)]
+    first = regress.main(args)
+    assert first in (0, 1)
+    assert len(list(tmp_path.glob("counterfact_*"))) == 2
+    capsys.readouterr()
+    assert regress.main(args) == first
+    out = capsys.readouterr().out
+    assert out.count("skip (complete)") == 2 and "candidate noop" in out
+    assert regress.main(["--method", "ft", "--against", "ft", "--model", "random:llama-tiny",
+                         "--out", str(tmp_path)]) == 2
+    assert "same run" in capsys.readouterr().err

@@ -1,0 +1,54 @@
+"""Golden runs (issue 15): every registered method still computes, case by case, the numbers
+recorded in ``tests/fixtures/golden/golden.json`` by ``nox -s golden`` (harness/golden.py).
+
+A failure lists every method / suite / case / number that moved beyond the tolerance. If the
+change is intended, regenerate with ``nox -s golden`` and review the JSON diff in the commit.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import golden
+from methods import METHODS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    if not golden.GOLDEN.is_file():
+        pytest.fail(f"{golden.GOLDEN} is missing: generate it with `{golden.COMMAND}`")
+    return golden.load_golden()
+
+
+def test_golden_file_covers_every_method_with_its_command(recorded):
+    assert recorded["command"] == golden.COMMAND
+    missing = sorted(set(METHODS) - set(recorded["cells"]))
+    assert not missing, f"no golden numbers for {missing}: run `{golden.COMMAND}`"
+    assert recorded["settings"]["overrides"] == golden.OVERRIDES
+    for method, suites in recorded["cells"].items():
+        for suite in golden.SUITES:
+            assert len(suites[suite]) == golden.N_CASES, (method, suite)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_reproduces_its_golden_numbers(method, recorded, smollm2, shared_data,
+                                              monkeypatch):
+    monkeypatch.setenv("KEH_DATA_DIR", str(shared_data))
+    assert smollm2.sha256 == recorded["model_sha256"], "golden numbers are for other weights"
+    moved = []
+    for suite in golden.SUITES:
+        got = golden.run_one(smollm2, method, suite)
+        moved += golden.differences(recorded["cells"][method][suite], got, method, suite)
+    assert not moved, ("moved beyond rtol/atol "
+                       f"{golden.RTOL}/{golden.ATOL} (regenerate with `{golden.COMMAND}` only "
+                       "if intended):\n" + "\n".join(moved))
+
+
+def test_differences_name_method_suite_case_and_number():
+    expected = {"0": {"efficacy_margin": 1.0, "rho": 0.5}, "1": {"efficacy_margin": 2.0}}
+    got = {"0": {"efficacy_margin": 1.0 + 1e-7, "rho": 0.6}, "2": {"efficacy_margin": 2.0}}
+    lines = golden.differences(expected, got, "rome", "zsre")
+    assert lines == ["rome / zsre / case 0: rho 0.5 -> 0.6", "rome / zsre / case 1: missing",
+                     "rome / zsre / case 2: new"]

@@ -153,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
                      help="Slurm: submit and return (report later with keh report)")
     args = ap.parse_args(argv)
     from harness import launch
-    from harness.models import load_model
 
     try:
         grids = load_grid(args.grid)
@@ -202,15 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"run(s) {', '.join(missing)} did not complete in their "
                                 f"worker (see above)")
         else:
-            loaded: dict[str, Any] = {}
-
-            def lm_for(cfg: RunConfig) -> Any:
-                key = f"{cfg.model}|{cfg.device}|{cfg.dtype}|{cfg.seed}"
-                if key not in loaded:
-                    loaded.clear()
-                    loaded[key] = load_model(cfg.model, cfg.device, cfg.dtype, seed=cfg.seed)
-                return loaded[key]
-
+            lm_for = launch.model_loader()
             for i, cfg in enumerate(configs):
                 prefix = f"[{i + 1}/{len(configs)}]"
                 launch.run_cell(cfg, log=lambda s, p=prefix: print(f"{p} {s}"), lm_for=lm_for)

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(exit 1 if so, 0 if not, 2 on bad input)",
         description="Pair the runs by case (seeds averaged per case) and test, per metric, "
         "whether the candidate is worse than the baseline by more than the metric's margin "
-        "(one-sided cluster sign-flip tests at the independent units, Holm across metrics). "
+        "(one-sided tests at the independent units: the larger p of a cluster sign-flip and a "
+        "cluster bootstrap-t test, Tango's exact test for 0/1 outcomes; Holm across metrics). "
         "Default metrics: CounterFact efficacy_success, paraphrase_success, "
         "neighborhood_success, efficacy_margin; zsRE efficacy_accuracy, paraphrase_accuracy, "
         "specificity_accuracy, efficacy_margin. Default margins: 0.02 (2 points) for rates "

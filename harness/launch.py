@@ -94,6 +94,24 @@ class LaunchOptions:
 # ------------------------------------------------------------------------------ one cell
 
 
+def model_loader() -> Callable[[RunConfig], Any]:
+    """``lm_for(cfg)`` for :func:`run_cell`: the last loaded model, reused while model, device,
+    dtype and seed (random weights depend on it) stay the same, else a fresh load."""
+    from harness.models import load_model
+
+    loaded: dict[str, Any] = {}
+
+    def lm_for(cfg: RunConfig) -> Any:
+        key = f"{cfg.model}|{cfg.device}|{cfg.dtype}|{cfg.seed}"
+        if key not in loaded:
+            loaded.clear()
+            loaded[key] = load_model(cfg.model, cfg.device, cfg.dtype, seed=cfg.seed,
+                                     trust_remote_code=cfg.trust_remote_code)
+        return loaded[key]
+
+    return lm_for
+
+
 def run_cell(cfg: RunConfig, log: Callable[[str], None] = print,
              lm_for: Callable[[RunConfig], Any] | None = None) -> str:
     """Bring the run of ``cfg`` (``<out_dir>/<default run id>``) to complete; return what was

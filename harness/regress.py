@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.cli import _override, one_line
+from harness.cli import _names, _override, one_line
 from harness.config import RunConfig
 from harness.errors import UserError
 
@@ -80,28 +80,18 @@ def configs(args: argparse.Namespace) -> tuple[list[RunConfig], list[RunConfig]]
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from harness.launch import run_cell
-        from harness.models import load_model
+        from harness.launch import model_loader, run_cell
         from methods import get_method
         from reports.compare import parse_margins, run_compare
 
         for name in (args.method, args.against):
             get_method(name)
         base, cand = configs(args)
-        loaded: dict[str, object] = {}
-
-        def lm_for(c: RunConfig) -> object:
-            if "lm" not in loaded:
-                loaded["lm"] = load_model(c.model, device=c.device, dtype=c.dtype, seed=c.seed,
-                                          trust_remote_code=c.trust_remote_code)
-            return loaded["lm"]
-
+        lm_for = model_loader()
         for c in base + cand:
-            # random:<shape> weights depend on the seed: let each run load its own
-            run_cell(c, lm_for=None if c.model.startswith("random:") else lm_for)
+            run_cell(c, lm_for=lm_for)
         dirs = lambda cs: [str(Path(c.out_dir) / c.default_run_id()) for c in cs]  # noqa: E731
-        metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
-        return run_compare(dirs(base), dirs(cand), metrics=metrics,
+        return run_compare(dirs(base), dirs(cand), metrics=_names(args.metrics),
                            margins=parse_margins(args.margin), alpha=args.alpha,
                            require_noninferiority=args.require_noninferiority,
                            json_path=args.json)

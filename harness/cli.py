@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="few-shot examples per downstream prompt (at most 10 for keh's tasks)")
     r.add_argument("--generation-tokens", type=int, default=d.generation_tokens,
                    help="greedy tokens per prompt for fluency/consistency (0: off)")
+    r.add_argument("--answer-tokens", type=int, default=d.answer_tokens,
+                   help="generation-based evaluation: greedy answers of at most N new tokens, "
+                        f"exact match and token F1 (default {d.answer_tokens}; 0: off)")
+    r.add_argument("--no-generation-eval", dest="answer_tokens", action="store_const", const=0,
+                   help="turn the generation-based evaluation off (same as --answer-tokens 0)")
     r.add_argument("--trust-remote-code", action="store_true")
     r.add_argument("--stop-on-error", action="store_true",
                    help="stop when a method fails on a batch (numerical error, non-finite "
@@ -157,6 +162,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         eval_batch_size=args.eval_batch_size, trust_remote_code=args.trust_remote_code,
         downstream=list(args.downstream), downstream_limit=args.downstream_limit,
         downstream_fewshot=args.downstream_fewshot, generation_tokens=args.generation_tokens,
+        answer_tokens=args.answer_tokens,
         stop_on_error=args.stop_on_error,
     )
 

@@ -28,6 +28,9 @@ class RunConfig:
     ``downstream``: lm-eval task names (keh's offline ``sst2, mrpc, cola, rte, nli, mmlu`` or
     built-in ones) evaluated before the first edit and after the last batch, on at most
     ``downstream_limit`` examples each (0: all) with ``downstream_fewshot`` shots.
+    ``answer_tokens``: generation-based evaluation (:mod:`suites.answers`): greedy answers of at
+    most this many new tokens from the rewrite, paraphrase and neighbourhood prompts, exact match
+    and token F1 in every record (0: off; ``--no-generation-eval``).
     ``generation_tokens``: greedy tokens generated per prompt for the fluency/consistency metrics
     of suites that have them (0: off). ``stop_on_error``: stop the run when a method fails on
     a batch (numerical error, non-finite diagnostics) instead of recording that batch's cases
@@ -65,6 +68,7 @@ class RunConfig:
     downstream_limit: int = 200
     downstream_fewshot: int = 0
     generation_tokens: int = 0
+    answer_tokens: int = 16
     trust_remote_code: bool = False
     stop_on_error: bool = False
 
@@ -86,6 +90,8 @@ class RunConfig:
             raise UserError("--eval-batch-size must be at least 1")
         if self.generation_tokens < 0:
             raise UserError(f"--generation-tokens must be >= 0 (got {self.generation_tokens})")
+        if self.answer_tokens < 0:
+            raise UserError(f"--answer-tokens must be >= 0 (got {self.answer_tokens})")
         if self.downstream_limit < 0:
             raise UserError(f"--downstream-limit must be >= 0 (got {self.downstream_limit})")
         if self.downstream_fewshot < 0:

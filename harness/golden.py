@@ -70,10 +70,12 @@ def overrides_for(method: str) -> dict[str, Any]:
 
 def config_for(method: str, suite: str, out_dir: str) -> RunConfig:
     """The golden run of ``method`` on ``suite``: one sequential pass in batches of
-    :data:`BATCH_SIZE` over the first :data:`N_CASES` cases, seed 0, faithful preset."""
+    :data:`BATCH_SIZE` over the first :data:`N_CASES` cases, seed 0, faithful preset. The
+    generation-based evaluation is off: the golden numbers are teacher-forced."""
     return RunConfig(model=MODEL, method=method, suite=suite, n_edits=N_CASES,
                      batch_size=BATCH_SIZE, sequential=True, seed=0, device="cpu",
-                     dtype="float32", out_dir=out_dir, hparams_overrides=overrides_for(method))
+                     dtype="float32", out_dir=out_dir, hparams_overrides=overrides_for(method),
+                     answer_tokens=0)
 
 
 def _mean(values: Iterable[Any]) -> float:

@@ -98,6 +98,8 @@ def _evaluate_kwargs(p: Prepared, reference: list[dict[str, Any]] | None,
     kwargs: dict[str, Any] = {"batch_size": p.cfg.eval_batch_size}
     if reference is not None:
         kwargs["reference"] = [reference[i] for i in indices]
+    if generation and p.cfg.answer_tokens > 0:
+        kwargs["answer_tokens"] = p.cfg.answer_tokens
     if generation and p.cfg.generation_tokens > 0:
         kwargs["generation_tokens"] = p.cfg.generation_tokens
         kwargs["decoding"] = p.cfg.fluency_decoding
@@ -111,7 +113,8 @@ def _checkpoint(p: Prepared, lm: LoadedModel, reference: list[dict[str, Any]] | 
     """One curve line: downstream scores and (sequential mode) the probe-set summary."""
     cfg = p.cfg
     line: dict[str, Any] = {"n_edits_so_far": n_edits, "batch": batches_done,
-                            "edits_in_model": edits_in_model}
+                            "edits_in_model": edits_in_model,
+                            "memory": rec_io.memory_now(lm.device)}
     if cfg.downstream:
         t0 = time.perf_counter()
         kwargs = {"limit": cfg.downstream_limit or None, "num_fewshot": cfg.downstream_fewshot,

@@ -109,6 +109,24 @@ def device_description(device: torch.device) -> dict[str, Any]:
     return d
 
 
+def memory_now(device: torch.device) -> dict[str, float]:
+    """Memory in use now and the peak so far (MiB): process RSS (``/proc/self/status`` where
+    there is one) and, on CUDA, allocated device memory. Written into every curve line, so a
+    long sequential run shows whether memory grows with the edits."""
+    out = peak_memory(device)
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["rss_mib"] = int(line.split()[1]) / 1024.0
+                    break
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    if device.type == "cuda":
+        out["cuda_mib"] = torch.cuda.memory_allocated(device) / 2**20
+    return out
+
+
 def peak_memory(device: torch.device) -> dict[str, float]:
     """Peak memory so far: process RSS (MiB) and, on CUDA, allocated device memory (MiB)."""
     out: dict[str, float] = {}

@@ -153,3 +153,43 @@ def score_targets(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str
             offset += n_t
     target_ids = [torch.tensor(t, dtype=torch.long) for _, t in enc]
     return TargetScores(logprobs=out_lp, predicted=out_pred, target_ids=target_ids)
+
+
+@torch.inference_mode()
+def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 32
+                        ) -> torch.Tensor:
+    """(n_prompts, V) float32 log-softmax of the next token after each prompt, on the CPU.
+
+    Prompts are tokenised as in :func:`encode_pair` (the tokenizer's special tokens), sorted by
+    length and right-padded ``batch_size`` at a time; the unembedding is applied only at each
+    prompt's last real token."""
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    enc = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    if any(not e for e in enc):
+        raise ValueError("a prompt tokenises to nothing")
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(enc)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(enc[i])] = torch.tensor(enc[i])
+            mask[r, :len(enc[i])] = 1
+        rows = torch.arange(len(idx), device=lm.device)
+        cols = torch.tensor([len(enc[i]) - 1 for i in idx], device=lm.device)
+        logits = logits_at(lm, ids.to(lm.device), mask.to(lm.device), rows, cols)
+        lp = torch.log_softmax(logits, dim=-1).cpu()
+        for r, i in enumerate(idx):
+            out[i] = lp[r]
+    return torch.stack(out) if out else torch.empty(0, 0)
+
+
+def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """(n,) KL(P || Q) = sum_v p_v (log p_v - log q_v) in nats, rows of log-probabilities
+    ``logp``/``logq`` (n, V); computed in float64, tokens with p_v = 0 contribute 0."""
+    logp, logq = logp.double(), logq.double()
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)

@@ -17,7 +17,16 @@ the published code's behaviour available exactly:
 * ``mom2_adjustment``: whiten u by C0^-1 (published GPT-2 XL / GPT-J files) or not (the
   published Llama-3-8B file).
 
-A batch of several requests is applied as consecutive single edits (ROME has no batch form).
+A batch of several requests is applied as consecutive single edits (ROME has no batch form),
+``requests_written``:
+
+* ``all`` (default; the ROME and MEMIT repositories' ``apply_rome_to_model`` loops over the
+  requests it is given): every request of the batch is written, one after the other.
+* ``first``: only the batch's first request is written, the others are evaluated unedited
+  (diagnostic ``written`` = 0). This is what the AlphaEdit repository's sequential loop does to
+  ROME: its ``evaluate.py`` passes each chunk of ``num_edits`` requests, and its
+  ``apply_rome_to_model`` keeps ``request[0]``. Offered only to reproduce ROME rows produced by
+  that loop (issue 13's original run); it is not the ROME algorithm.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from methods.solvers import rome_A_general
 
 NAME = "rome"
 DENOMINATOR_KEYS = ("plain", "averaged")
+REQUESTS_WRITTEN = ("all", "first")
 
 
 @dataclass
@@ -50,12 +60,14 @@ class Hparams(LocateHparams):
     value_site: str = "mlp"
     denominator_key: str = "plain"
     mom2_adjustment: bool = True
+    requests_written: str = "all"
 
     def validate(self) -> None:
         super().validate()
         if len(self.layers) != 1:
             raise UserError(f"rome hparams: 'layers' must name one layer, got {self.layers}")
         _check_choice("denominator_key", self.denominator_key, DENOMINATOR_KEYS)
+        _check_choice("requests_written", self.requests_written, REQUESTS_WRITTEN)
 
 
 def solver_for(lm: Any, hp: LocateHparams) -> Solver:
@@ -78,9 +90,11 @@ def edit(lm: Any, requests: list[EditRequest], hparams: Hparams,
          state: dict[str, Any]) -> EditOutcome:
     diags: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
-    for r in requests:
+    written = requests if hparams.requests_written == "all" else requests[:1]
+    for r in written:
         d, _, t = edit_batch(lm, [r], hparams, lambda hp, st: solver_for(lm, hp), state)
-        diags += d
+        diags += [{**x, "written": 1.0} for x in d]
         for k, v in t.items():
             timings[k] = timings.get(k, 0.0) + v
+    diags += [{"written": 0.0} for _ in requests[len(written):]]
     return EditOutcome(diagnostics=diags, state=state, timings=timings)

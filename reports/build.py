@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from reports import claims as claims_mod
-from reports import plots, tables
+from reports import paper, plots, tables
 from reports.load import (
     Runs,
     arm_of,
@@ -171,7 +171,26 @@ def _cost_table(runs: Runs) -> pd.DataFrame:
 
 def _table_block(t: tables.Table, paths: dict[str, Path], root: Path) -> list[str]:
     links = ", ".join(f"[{ext}]({p.relative_to(root).as_posix()})" for ext, p in paths.items())
-    return [f"**{t.caption}** ({links})", "", tables.to_markdown(t.display)]
+    return [f"**{t.caption}** ({links})", "", tables.to_markdown(t.display, t.bold)]
+
+
+def _paper_tables(groups: list[tuple[tuple[str, str], Runs]], n_resamples: int, seed: int,
+                  alpha: float) -> list[tables.Table]:
+    """One paper table (:mod:`reports.paper`) per model and preset, over its suites."""
+    by_model: dict[tuple[str, str], dict[str, Runs]] = {}
+    for (suite, model), g in groups:
+        for preset, sub in g.presets():
+            by_model.setdefault((model, preset), {})[suite] = sub
+    n_presets: dict[str, int] = {}
+    for model, _ in by_model:
+        n_presets[model] = n_presets.get(model, 0) + 1
+    out = []
+    for (model, preset), parts in by_model.items():
+        t = paper.paper_table(model, parts, n_resamples, seed, alpha,
+                              preset if n_presets[model] > 1 else "")
+        if t is not None:
+            out.append(t)
+    return out
 
 
 def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
@@ -201,6 +220,7 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
         section_lines += [f"### {suite} / {model}", ""]
         main = tables.main_table(g, n_resamples, seed)
         for t in (main, tables.outcome_table(g, n_resamples, seed),
+                  tables.generation_table(g, n_resamples, seed),
                   *tables.diagnostics_tables(g, n_resamples, seed),
                   tables.downstream_table(g)):
             if t is not None:
@@ -215,6 +235,10 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
             figures += plots.figures_for(sub, main if len(presets) == 1 else None, fdir,
                                          treatment, baseline, n_resamples, seed,
                                          suffix="" if len(presets) == 1 else preset)
+
+    paper_lines: list[str] = []
+    for t in _paper_tables(groups, n_resamples, seed, alpha):
+        paper_lines += _table_block(t, tables.write_table(t, tdir), out)
 
     pairwise = tables.pairwise_table(pair_rows, baseline, alpha)
     detail = claims_mod.finalise(claim_rows, alpha)
@@ -244,6 +268,7 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
         "## Software", "", tables.to_markdown(_versions_table(runs)),
         "## Cost", "", tables.to_markdown(_cost_table(runs)),
         "## Results", "", *section_lines,
+        *(["## Paper table", "", *paper_lines] if paper_lines else []),
         "## Pairwise comparisons", "", *_table_block(pairwise, pw_paths, out),
         "## Claims of docs/METAKE.md", "", *_table_block(csum, cs_paths, out),
         *_table_block(cdet, cd_paths, out),

@@ -625,7 +625,8 @@ def t7_ordering(runs: Runs, s: Settings) -> list[dict[str, Any]]:
 
 
 #: ROME hparams that say which ROME a run is (the faithful preset: the original's)
-ROME_SWITCHES = ("denominator_key", "key_averaging", "mom2_adjustment", "value_site")
+ROME_SWITCHES = ("denominator_key", "key_averaging", "mom2_adjustment", "requests_written",
+                 "value_site")
 
 
 def rome_variant(runs: Runs) -> str:

@@ -49,12 +49,13 @@ ID_COLUMNS = ["run_id", "arm", "preset", "method", "solver", "suite", "model",
               "model_sha256", "data_sha256", "seed", "sequential", "batch_size",
               "case_index", "case_id", "batch", "failed", "error"]
 #: record fields that are neither metrics nor loaded
-SKIP_FIELDS = {"logprobs", "diagnostics", "method", "suite", "model", "seed", "case_index",
-               "case_id", "batch", "failed", "error"}
+SKIP_FIELDS = {"logprobs", "diagnostics", "answers", "generations", "method", "suite",
+               "model", "seed", "case_index", "case_id", "batch", "failed", "error"}
 DIAG_PREFIX = "diag_"
 #: success rates of the edit itself: 0 for a failed edit (intention to treat)
 ITT_COLUMNS = ("efficacy_success", "paraphrase_success", "efficacy_accuracy",
-               "paraphrase_accuracy")
+               "paraphrase_accuracy", "gen_efficacy_em", "gen_efficacy_f1",
+               "gen_paraphrase_em", "gen_paraphrase_f1")
 LEGACY_PRESET = "legacy"
 
 
@@ -264,7 +265,7 @@ def run_frame(m: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
 
 def _load_curve(path: Path, run_id: str, arm: str) -> pd.DataFrame:
     """Tidy checkpoints: run_id, arm, n_edits, edits_in_model, batch, kind
-    (downstream|probe), name, value, n. ``edits_in_model``: the edits the evaluated model
+    (downstream|probe|memory), name, value, n. ``edits_in_model``: the edits the evaluated model
     holds (batch mode: one batch), None in older checkpoints (see
     :func:`reports.tables.downstream_table`)."""
     rows = []
@@ -277,9 +278,10 @@ def _load_curve(path: Path, run_id: str, arm: str) -> pd.DataFrame:
             res = res if isinstance(res, dict) else {"acc": res}
             rows.append({**base, "kind": "downstream", "name": task, "value": res.get("acc"),
                          "n": res.get("n")})
-        for name, value in (point.get("probe") or {}).items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                rows.append({**base, "kind": "probe", "name": name, "value": value, "n": None})
+        for kind in ("probe", "memory"):
+            for name, value in (point.get(kind) or {}).items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    rows.append({**base, "kind": kind, "name": name, "value": value, "n": None})
     return pd.DataFrame(rows)
 
 

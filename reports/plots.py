@@ -109,7 +109,8 @@ def plot_metrics(runs: Runs, table: Table | None, directory: Path) -> Figure:
 
 
 def plot_curves(runs: Runs, kind: str, directory: Path) -> Figure:
-    """Downstream accuracy (``kind="downstream"``) or probe metrics (``"probe"``) against
+    """Downstream accuracy (``kind="downstream"``), probe metrics (``"probe"``) or memory in MiB
+    (``"memory"``: process RSS now and at peak, CUDA allocated) against
     the number of edits, one line per method, a subplot per task/metric."""
     suite, model, tag = _tag(runs)
     name = f"{kind}_{tag}"
@@ -162,6 +163,11 @@ def plot_curves(runs: Runs, kind: str, directory: Path) -> Figure:
         caption = (f"{suite} / {model}: downstream task accuracy against the number of edits "
                    f"applied so far (sequential runs), mean over seeds; bands are 95% "
                    f"Wilson intervals on one run's examples.")
+    elif kind == "memory":
+        caption = (f"{suite} / {model}: memory at each checkpoint against the number of edits "
+                   f"applied so far (MiB: rss_mib = process RSS now, peak_rss_mib = its peak, "
+                   f"cuda_mib / peak_cuda_mib = allocated GPU memory); flat lines mean nothing "
+                   f"is kept per edit.")
     else:
         caption = (f"{suite} / {model}: probe-set metrics (the run's first cases, re-evaluated "
                    f"at each checkpoint; rates in percent) against the number of edits applied "
@@ -284,6 +290,7 @@ def figures_for(runs: Runs, main: Table | None, directory: Path, treatment: str,
     out = [plot_metrics(runs, main, directory),
            plot_curves(runs, "downstream", directory),
            plot_curves(runs, "probe", directory),
+           plot_curves(runs, "memory", directory),
            plot_diagnostics(runs, directory),
            plot_gain_vs_rho(runs, treatment, baseline, directory, n_resamples, seed),
            plot_rho_by_batch(runs, directory)]

@@ -48,10 +48,22 @@ SCORE: dict[str, tuple[str, ...]] = {"counterfact": ("Eff", "Gen", "Spe")}
 #: further outcomes shown in the outcome table
 OUTCOMES: dict[str, list[tuple[str, str]]] = {
     "counterfact": [("Margin", "efficacy_margin"), ("EM", "efficacy_magnitude"),
-                    ("PM", "paraphrase_magnitude"), ("NM", "neighborhood_magnitude")],
+                    ("PM", "paraphrase_magnitude"), ("NM", "neighborhood_magnitude"),
+                    ("NS+", "neighborhood_plus_success"), ("NM+", "neighborhood_plus_magnitude"),
+                    ("NKL", "neighborhood_kl"), ("NKL+", "neighborhood_plus_kl")],
     "zsre": [("Spe agree", "specificity_unedited_agreement")],
 }
-UNSCALED = {"efficacy_margin"}
+#: teacher-forced (TF) and generation-based (greedy answer: exact match, token F1) side by side
+_TF = {"counterfact": ("efficacy_success", "paraphrase_success", "neighborhood_success"),
+       "zsre": ("efficacy_accuracy", "paraphrase_accuracy", "specificity_accuracy")}
+GENERATION: dict[str, list[tuple[str, str]]] = {
+    suite: [cell for label, group, col in zip(("Eff", "Gen", "Spe"),
+                                              ("efficacy", "paraphrase", "neighborhood"), tf,
+                                              strict=True)
+            for cell in ((f"{label} TF", col), (f"{label} EM", f"gen_{group}_em"),
+                         (f"{label} F1", f"gen_{group}_f1"))]
+    for suite, tf in _TF.items()}
+UNSCALED = {"efficacy_margin", "neighborhood_kl", "neighborhood_plus_kl"}
 #: diagnostics per table (beside method and runs): keeps every table readable
 MAX_DIAG_COLUMNS = 6
 
@@ -107,12 +119,14 @@ def _hm(means: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Table:
-    """A table as numbers (``raw``, for CSV) and as display strings (``display``)."""
+    """A table as numbers (``raw``, for CSV) and as display strings (``display``); ``bold``:
+    (row position, column name) cells set in bold in Markdown and LaTeX."""
 
     name: str
     caption: str
     raw: pd.DataFrame
     display: pd.DataFrame
+    bold: frozenset[tuple[int, str]] = frozenset()
 
 
 def _fmt(x: Any, digits: int) -> str:
@@ -217,14 +231,9 @@ def main_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Table | No
                  pd.DataFrame(disp_rows))
 
 
-def outcome_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Table | None:
-    """Per arm and preset: further outcomes (margin, magnitudes)."""
-    frame = runs.frame
-    suite, model = str(frame["suite"].iloc[0]), str(frame["model"].iloc[0])
-    spec = [(lab, c) for lab, c in OUTCOMES.get(suite, [])
-            if c in frame.columns and frame[c].notna().any()]
-    if not spec:
-        return None
+def _spec_rows(frame: pd.DataFrame, spec: Sequence[tuple[str, str]], n_resamples: int,
+               seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Raw and display rows per arm and preset: mean and 95% CI of each column of ``spec``."""
     raw_rows, disp_rows = [], []
     for label, rows in _arm_groups(frame):
         raw, disp = _arm_summary(label, rows, False), _arm_summary(label, rows, False)
@@ -233,11 +242,47 @@ def outcome_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Table |
         disp.update(d)
         raw_rows.append(raw)
         disp_rows.append(disp)
+    return raw_rows, disp_rows
+
+
+def _present(frame: pd.DataFrame, spec: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(lab, c) for lab, c in spec if c in frame.columns and frame[c].notna().any()]
+
+
+def outcome_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Table | None:
+    """Per arm and preset: further outcomes (margin, magnitudes, CounterFact+ NS+ and NKL)."""
+    frame = runs.frame
+    suite, model = str(frame["suite"].iloc[0]), str(frame["model"].iloc[0])
+    spec = _present(frame, OUTCOMES.get(suite, []))
+    if not spec:
+        return None
+    raw_rows, disp_rows = _spec_rows(frame, spec, n_resamples, seed)
     caption = (f"{suite} / {model}: further outcomes ("
                + ", ".join(f"{lab} = {c}" for lab, c in spec)
-               + "; magnitudes x100, margin in log-prob units), mean with 95% wild cluster "
+               + "; rates and magnitudes x100, margin in log-prob units, NKL = KL(edited || "
+               "unedited) of the next token after the neighbourhood prompts in nats, + = "
+               "CounterFact+: the edit statement prepended), mean with 95% wild cluster "
                f"bootstrap-t CI over {resampling_unit(frame)}; failed edits have none.")
     return Table(f"outcomes_{slug(suite)}_{slug(model)}", caption, pd.DataFrame(raw_rows),
+                 pd.DataFrame(disp_rows))
+
+
+def generation_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Table | None:
+    """Per arm and preset: each of Eff/Gen/Spe teacher-forced (TF) beside the greedy answer's
+    exact match (EM) and token F1 (:mod:`suites.answers`); None when no run generated."""
+    frame = runs.frame
+    suite, model = str(frame["suite"].iloc[0]), str(frame["model"].iloc[0])
+    spec = _present(frame, GENERATION.get(suite, []))
+    if not any(c.startswith("gen_") for _, c in spec):
+        return None
+    raw_rows, disp_rows = _spec_rows(frame, spec, n_resamples, seed)
+    caption = (f"{suite} / {model}: teacher-forced (TF) against generation-based success "
+               "(greedy answer of at most the run's answer_tokens new tokens, cut at the first "
+               "line or sentence end; EM = SQuAD-normalised exact match, F1 = token F1 against "
+               "target_new for Eff/Gen and the true answer for Spe), x100, mean with 95% wild "
+               f"cluster bootstrap-t CI over {resampling_unit(frame)}; failed edits count as "
+               "failures in Eff and Gen.")
+    return Table(f"generation_{slug(suite)}_{slug(model)}", caption, pd.DataFrame(raw_rows),
                  pd.DataFrame(disp_rows))
 
 
@@ -466,8 +511,8 @@ def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in str(text)).strip("-") or "x"
 
 
-def to_markdown(display: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (pipes escaped)."""
+def to_markdown(display: pd.DataFrame, bold: frozenset[tuple[int, str]] = frozenset()) -> str:
+    """A GitHub-flavoured Markdown table (pipes escaped); ``bold`` cells in ``**``."""
     if display.empty:
         return "_(empty)_\n"
     cols = [str(c) for c in display.columns]
@@ -475,10 +520,13 @@ def to_markdown(display: pd.DataFrame) -> str:
     def cell(v: Any) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
 
+    def body(i: int, c: str, v: Any) -> str:
+        return f"**{cell(v)}**" if (i, c) in bold else cell(v)
+
     lines = ["| " + " | ".join(map(cell, cols)) + " |",
              "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
-              for row in display.itertuples(index=False)]
+    lines += ["| " + " | ".join(body(i, c, v) for c, v in zip(cols, row, strict=True)) + " |"
+              for i, row in enumerate(display.itertuples(index=False))]
     return "\n".join(lines) + "\n"
 
 
@@ -492,8 +540,9 @@ def tex_escape(text: Any) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(text))
 
 
-def to_latex(display: pd.DataFrame, caption: str, label: str) -> str:
-    """A booktabs table (needs ``\\usepackage{booktabs}``)."""
+def to_latex(display: pd.DataFrame, caption: str, label: str,
+             bold: frozenset[tuple[int, str]] = frozenset()) -> str:
+    """A booktabs table (needs ``\\usepackage{booktabs}``); ``bold`` cells in ``\\textbf``."""
     cols = [str(c) for c in display.columns]
 
     def numeric(values: pd.Series) -> bool:
@@ -505,8 +554,11 @@ def to_latex(display: pd.DataFrame, caption: str, label: str) -> str:
              rf"\caption{{{tex_escape(caption)}}}", rf"\label{{tab:{label}}}",
              rf"\begin{{tabular}}{{{align}}}", r"\toprule",
              " & ".join(tex_escape(c) for c in cols) + r" \\", r"\midrule"]
-    lines += [" & ".join(tex_escape(v) for v in row) + r" \\"
-              for row in display.itertuples(index=False)]
+    def body(i: int, c: str, v: Any) -> str:
+        return rf"\textbf{{{tex_escape(v)}}}" if (i, c) in bold else tex_escape(v)
+
+    lines += [" & ".join(body(i, c, v) for c, v in zip(cols, row, strict=True)) + r" \\"
+              for i, row in enumerate(display.itertuples(index=False))]
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
@@ -515,9 +567,9 @@ def write_table(table: Table, directory: Path) -> dict[str, Path]:
     """``<name>.md``, ``<name>.tex`` and ``<name>.csv`` (numbers) in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {ext: directory / f"{table.name}.{ext}" for ext in ("md", "tex", "csv")}
-    paths["md"].write_text(f"{table.caption}\n\n{to_markdown(table.display)}",
+    paths["md"].write_text(f"{table.caption}\n\n{to_markdown(table.display, table.bold)}",
                            encoding="utf-8")
-    paths["tex"].write_text(to_latex(table.display, table.caption, table.name),
+    paths["tex"].write_text(to_latex(table.display, table.caption, table.name, table.bold),
                             encoding="utf-8")
     table.raw.to_csv(paths["csv"], index=False)
     return paths

@@ -17,6 +17,23 @@ its parent directory) when present: a case's references are the texts of
 object ids, so no references (consistency is then None).
 
 Metric definitions: :mod:`suites.metrics`.
+
+CounterFact+ (Hoelscher-Obermaier et al., "Detecting Edit Failures In Large Language Models:
+An Improved Specificity Benchmark", ACL Findings 2023): each neighbourhood prompt is also scored
+with the edit statement prepended, ``f"{rewrite prompt} {target_new}. {neighbourhood prompt}"``
+(the release's ``distracting_neighborhood_prompts``): ``neighborhood_plus_success`` /
+``_magnitude`` as NS/NM on those prompts. Neighbourhood KL (NKL), on the plain and on the
+prepended prompts (``neighborhood_kl``, ``neighborhood_plus_kl``): KL(P_edited || P_unedited)
+of the next-token distribution after the prompt, in nats, averaged over a case's prompts; the
+unedited distributions come from :func:`reference` (computed before any edit, kept as float32
+on the CPU: 4 |V| bytes per prompt, 0.4 MB for SmolLM2's vocabulary). The release computes
+this with ``torch.nn.functional.kl_div(..., reduction="batchmean")`` on a 1-D tensor, which
+divides the sum by the vocabulary size; its published NKL values are therefore this number
+divided by |V| (stored as ``neighborhood_plus_kl_per_token``, the published scale).
+
+Generation-based evaluation (greedy answers, exact match and token F1; :mod:`suites.answers`)
+when ``answer_tokens > 0``: rewrite and paraphrase prompts against ``target_new``,
+neighbourhood prompts against their true object.
 """
 
 from __future__ import annotations
@@ -28,9 +45,9 @@ from typing import Any
 import torch
 
 from harness.errors import DataError
-from harness.scoring import score_targets
+from harness.scoring import kl_divergence, next_token_logprobs, score_targets
 from methods.base import EditRequest
-from suites import fluency, metrics
+from suites import answers, fluency, metrics
 from suites.data import read_json_records, require_str, require_str_list
 
 NAME = "counterfact"
@@ -151,10 +168,63 @@ def load(path: str | Path) -> list[EditRequest]:
     return out
 
 
+def plus_prompt(request: EditRequest, neighbour: str) -> str:
+    """A CounterFact+ neighbourhood prompt: the edit statement, then the neighbourhood prompt."""
+    return f"{request.rewrite_prompt} {request.target_new.strip()}. {neighbour}"
+
+
+def _kl_prompts(requests: list[EditRequest]) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """The plain and the CounterFact+ neighbourhood prompts of all requests, and per request
+    (start, number of neighbourhood prompts, start of its plus prompts)."""
+    plain = [p for r in requests for p in r.neighborhood_prompts]
+    plus = [plus_prompt(r, p) for r in requests for p in r.neighborhood_prompts]
+    spans, k = [], 0
+    for r in requests:
+        n = len(r.neighborhood_prompts)
+        spans.append((k, n, len(plain) + k))
+        k += n
+    return plain + plus, spans
+
+
+def reference(lm, requests: list[EditRequest], batch_size: int = 32) -> list[dict[str, Any]]:
+    """Run before any edit: the unedited model's next-token log-probabilities (float32, CPU)
+    after each neighbourhood prompt, plain and CounterFact+ (for the NKL). One dict per request
+    (same order)."""
+    prompts, spans = _kl_prompts(requests)
+    lp = next_token_logprobs(lm, prompts, batch_size) if prompts else torch.empty(0, 0)
+    return [{"case_id": r.case_id, "neighborhood": lp[a:a + n], "neighborhood_plus": lp[b:b + n]}
+            for r, (a, n, b) in zip(requests, spans, strict=True)]
+
+
+def _kl_fields(lm, requests: list[EditRequest], reference: list[dict[str, Any]],
+               batch_size: int) -> list[dict[str, float | None]]:
+    """Per request: the NKL on the plain and CounterFact+ neighbourhood prompts (nats)."""
+    prompts, spans = _kl_prompts(requests)
+    post = next_token_logprobs(lm, prompts, batch_size) if prompts else torch.empty(0, 0)
+    vocab = post.shape[-1] if post.numel() else 1
+    out = []
+    for r, ref, (a, n, b) in zip(requests, reference, spans, strict=True):
+        if ref.get("case_id") != r.case_id:
+            raise ValueError(f"reference for case {ref.get('case_id')} given for case "
+                             f"{r.case_id}")
+        if n == 0:
+            out.append({"neighborhood_kl": None, "neighborhood_plus_kl": None,
+                        "neighborhood_plus_kl_per_token": None})
+            continue
+        kl = float(kl_divergence(post[a:a + n], ref["neighborhood"]).mean())
+        kl_plus = float(kl_divergence(post[b:b + n], ref["neighborhood_plus"]).mean())
+        out.append({"neighborhood_kl": kl, "neighborhood_plus_kl": kl_plus,
+                    "neighborhood_plus_kl_per_token": kl_plus / vocab})
+    return out
+
+
 def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
              generation_tokens: int = 0, decoding: str = "sample_top5_100",
-             seed: int = 0) -> list[dict[str, Any]]:
-    """One record per request: ES/EM, PS/PM, NS/NM, the margin, and raw per-token log-probs.
+             seed: int = 0, reference: list[dict[str, Any]] | None = None,
+             answer_tokens: int = 0) -> list[dict[str, Any]]:
+    """One record per request: ES/EM, PS/PM, NS/NM, NS+/NM+ (CounterFact+), the margin, and raw
+    per-token log-probs; with ``reference`` (this slice of :func:`reference`) the NKL fields,
+    with ``answer_tokens > 0`` the generation-based fields of :mod:`suites.answers`.
 
     All (prompt, object) pairs of all requests go through :func:`score_targets` together.
     With ``generation_tokens > 0`` each record also gets the generation metrics of
@@ -173,6 +243,8 @@ def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
             ("rewrite", [r.rewrite_prompt], (r.target_new, r.target_true)),
             ("paraphrase", list(r.paraphrase_prompts), (r.target_new, r.target_true)),
             ("neighborhood", list(r.neighborhood_prompts),
+             (r.neighborhood_target or r.target_true, r.target_new)),
+            ("neighborhood_plus", [plus_prompt(r, p) for p in r.neighborhood_prompts],
              (r.neighborhood_target or r.target_true, r.target_new)),
         ):
             start = len(prompts)
@@ -196,7 +268,7 @@ def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
                 continue
             rec[f"{name}_success"] = float(metrics.success(first, second).mean())
             rec[f"{name}_magnitude"] = float(metrics.magnitude(first, second).mean())
-            keys = ("new", "true") if group != "neighborhood" else ("true", "new")
+            keys = ("new", "true") if not group.startswith("neighborhood") else ("true", "new")
             raw[group] = {
                 keys[0]: [scores.logprobs[j].tolist() for j in range(a, b, 2)],
                 keys[1]: [scores.logprobs[j].tolist() for j in range(a + 1, b, 2)],
@@ -207,6 +279,20 @@ def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
         rec["logprob_true"] = float(mean_lp[a + 1])
         rec["logprobs"] = raw
         records.append(rec)
+    if reference is not None:
+        if len(reference) != len(requests):
+            raise ValueError("reference must have one entry per request")
+        for rec, kl in zip(records, _kl_fields(lm, requests, reference, batch_size),
+                           strict=True):
+            rec.update(kl)
+    if answer_tokens > 0:
+        items = [{"efficacy": [(r.rewrite_prompt, r.target_new)],
+                  "paraphrase": [(p, r.target_new) for p in r.paraphrase_prompts],
+                  "neighborhood": [(p, r.neighborhood_target or r.target_true)
+                                   for p in r.neighborhood_prompts]} for r in requests]
+        for rec, gen in zip(records, answers.answer_metrics(
+                lm, items, answer_tokens, batch_size=min(batch_size, 16)), strict=True):
+            rec.update(gen)
     if generation_tokens > 0:
         for rec, gen in zip(records, fluency.generation_metrics(
                 lm, requests, generation_tokens, batch_size=min(batch_size, 16),
@@ -217,7 +303,10 @@ def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
 
 SUMMARY_FIELDS = ["efficacy_success", "paraphrase_success", "neighborhood_success",
                   "efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude",
-                  "efficacy_margin", "ngram_entropy", "reference_score"]
+                  "neighborhood_plus_success", "neighborhood_plus_magnitude",
+                  "efficacy_margin", "ngram_entropy", "reference_score",
+                  "neighborhood_kl", "neighborhood_plus_kl",
+                  *(f"gen_{g}_{m}" for g in answers.GROUPS for m in ("em", "f1"))]
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -225,7 +314,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
     Score. ``ngram_entropy`` is in bits and ``reference_score`` a cosine in [0, 1] (ROME's tables
     show both times 100); they appear only when generation was on."""
     out = metrics.field_means(records, SUMMARY_FIELDS,
-                              lambda f: f.endswith(("_success", "_magnitude")))
+                              lambda f: f.endswith(("_success", "_magnitude", "_em", "_f1")))
     if all(k in out for k in ("efficacy_success", "paraphrase_success", "neighborhood_success")):
         out["score"] = metrics.harmonic_mean(
             [out["efficacy_success"], out["paraphrase_success"], out["neighborhood_success"]])

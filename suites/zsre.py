@@ -44,6 +44,10 @@ compared with the next target token):
   equals the unedited model's argmax (drift from the model's own predictions, the locality of
   EasyEdit); needs :func:`reference` computed before any edit.
 * ``efficacy_margin``: mean log p(target_new) - mean log p(target_true) on the rewrite prompt.
+
+Generation-based (with ``answer_tokens > 0``; :mod:`suites.answers`): greedy answers to the
+question, its rephrasing (against ``target_new``) and the NQ question (against ``loc_ans``),
+exact match and token F1.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ import torch
 from harness.errors import DataError, UserError
 from harness.scoring import score_targets
 from methods.base import EditRequest
-from suites import metrics
+from suites import answers, metrics
 from suites.counterfact import template_from_prompt
 from suites.data import read_json_records, require_str
 
@@ -71,7 +75,8 @@ CANONICAL_URL = "https://rome.baulab.info/data/dsets/zsre_mend_eval.json"
 
 SUMMARY_FIELDS = ["efficacy_accuracy", "paraphrase_accuracy", "specificity_accuracy",
                   "specificity_unedited_agreement", "efficacy_success", "paraphrase_success",
-                  "efficacy_margin"]
+                  "efficacy_margin",
+                  *(f"gen_{g}_{m}" for g in answers.GROUPS for m in ("em", "f1"))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,9 +240,11 @@ def _layout(requests: list[EditRequest]) -> tuple[list[str], list[str],
 
 
 def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
-             reference: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+             reference: list[dict[str, Any]] | None = None, answer_tokens: int = 0
+             ) -> list[dict[str, Any]]:
     """One record per request (see the module docstring for the fields); ``reference`` is the
-    slice of :func:`reference`'s output for these requests (same order), or None."""
+    slice of :func:`reference`'s output for these requests (same order), or None; with
+    ``answer_tokens > 0`` also the generation-based fields."""
     if reference is not None and len(reference) != len(requests):
         raise ValueError("reference must have one entry per request")
     prompts, targets, layout = _layout(requests)
@@ -279,6 +286,14 @@ def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
             "neighborhood": {"true": [lps[j].tolist() for j in neigh]},
         }
         records.append(rec)
+    if answer_tokens > 0:
+        items = [{"efficacy": [(r.rewrite_prompt, r.target_new)],
+                  "paraphrase": [(p, r.target_new) for p in r.paraphrase_prompts],
+                  "neighborhood": [(p, r.neighborhood_target) for p in r.neighborhood_prompts]}
+                 for r in requests]
+        for rec, gen in zip(records, answers.answer_metrics(
+                lm, items, answer_tokens, batch_size=min(batch_size, 16)), strict=True):
+            rec.update(gen)
     return records
 
 

@@ -71,11 +71,22 @@ def test_filters_and_unknown_method(tmp_path, shared_data, monkeypatch, capsys):
 
 
 def test_shipped_grids_load():
-    for name in ("default", "smollm2-100", "smollm2-sweep", "paper"):
+    for name in ("default", "smollm2-100", "smollm2-sweep", "paper", "paper-smollm2",
+                 "paper-gemma3", "stream-smollm2"):
         configs = [c for g in load_grid(name) for c in g.configs()]
         assert configs, name
+        assert len({c.default_run_id() for c in configs}) == len(configs), name
         for c in configs:
             c.validate()
+    # issue 17's protocol: CounterFact 2,000 and zsRE 1,000 edits in sequential batches of 100,
+    # 3 seeds, a curve every 5 batches; the stream: 10,000 edits, a curve every 10 batches
+    paper = [c for g in load_grid("paper-smollm2") for c in g.configs()]
+    assert {(c.suite, c.n_edits) for c in paper} == {("counterfact", 2000), ("zsre", 1000)}
+    assert {c.batch_size for c in paper} == {100} and all(c.sequential for c in paper)
+    assert {c.seed for c in paper} == {0, 1, 2} and {c.eval_every for c in paper} == {5}
+    stream = [c for g in load_grid("stream-smollm2") for c in g.configs()]
+    assert {(c.method, c.n_edits, c.eval_every) for c in stream} == {
+        ("alphaedit", 10000, 10), ("memit", 10000, 10), ("metake", 10000, 10)}
     sweep = [c for g in load_grid("smollm2-sweep") for c in g.configs()]
     assert len({c.default_run_id() for c in sweep}) == len(sweep)  # overrides tell them apart
 

@@ -188,12 +188,38 @@ def test_target_loop_stops_below_the_published_threshold(tiny_lm, requests_):
     assert [i["target_steps"] for i in info] == [0, 0]
 
 
+def test_rome_requests_written_first_edits_only_the_batch_s_first_request(tiny_lm, corpus,
+                                                                          requests_, restore):
+    """requests_written=first (the AlphaEdit repository's loop: apply_rome_to_model keeps
+    request[0] of each chunk) writes one rank-one update for a batch of three; ``all`` writes
+    three, one after the other."""
+    kw = dict(layers=[2], stats_corpus=corpus, mom2_adjustment=False)
+    w0 = tiny_lm.rewrite_weight(2).clone()
+    first = get_method("rome").edit(tiny_lm, requests_, _hp("rome", requests_written="first",
+                                                             **kw), {}).diagnostics
+    d_first = (tiny_lm.rewrite_weight(2) - w0).double()
+    assert [d["written"] for d in first] == [1.0, 0.0, 0.0] and "rho" in first[0]
+    assert torch.linalg.matrix_rank(d_first, atol=1e-6 * float(d_first.norm())) == 1
+    with torch.no_grad():
+        tiny_lm.rewrite_weight(2).copy_(w0)
+    alone = get_method("rome").edit(tiny_lm, requests_[:1], _hp("rome", **kw), {}).diagnostics
+    assert torch.allclose((tiny_lm.rewrite_weight(2) - w0).double(), d_first)
+    assert alone[0]["rho"] == pytest.approx(first[0]["rho"])
+    with torch.no_grad():
+        tiny_lm.rewrite_weight(2).copy_(w0)
+    every = get_method("rome").edit(tiny_lm, requests_, _hp("rome", **kw), {}).diagnostics
+    d_all = (tiny_lm.rewrite_weight(2) - w0).double()
+    assert [d["written"] for d in every] == [1.0, 1.0, 1.0]
+    assert torch.linalg.matrix_rank(d_all, atol=1e-6 * float(d_all.norm())) == 3
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method,field,allowed", [
     ("memit", "key_averaging", "original, uniform"),
     ("alphaedit", "value_site", "residual, mlp"),
     ("rome", "denominator_key", "plain, averaged"),
+    ("rome", "requests_written", "all, first"),
     ("metake", "key_averaging", "original, uniform"),
 ])
 def test_unknown_switch_values_name_the_allowed_ones(method, field, allowed):

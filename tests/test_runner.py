@@ -30,7 +30,10 @@ def test_noop_run_writes_manifest_and_records(tmp_path, tiny_lm, shared_data):
     assert [r["case_index"] for r in recs] == [0, 1, 2, 3]
     for r in recs:
         assert r["efficacy_success"] in (0.0, 1.0)
-        assert set(r["logprobs"]) == {"rewrite", "paraphrase", "neighborhood"}
+        assert set(r["logprobs"]) == {"rewrite", "paraphrase", "neighborhood",
+                                      "neighborhood_plus"}
+        # on by default: generation-based answers and the CounterFact+ NKL in every record
+        assert {"gen_efficacy_em", "gen_paraphrase_f1", "neighborhood_plus_kl"} <= set(r)
 
 
 def test_existing_run_dir_is_refused(tmp_path, tiny_lm, shared_data):

@@ -350,7 +350,8 @@ def chunks(seq: list, n: int) -> list[list]:
 
 
 def run_method(name: str, model, tok, records, hp_info, batch_size: int, templates,
-               C0: dict[int, torch.Tensor], rec: Recorder) -> dict[str, Any]:
+               C0: dict[int, torch.Tensor], rec: Recorder, rome_call: str = "single"
+               ) -> dict[str, Any]:
     import AlphaEdit.AlphaEdit_main as am
     import memit.memit_main as mm
     import rome.compute_u as cu
@@ -378,7 +379,11 @@ def run_method(name: str, model, tok, records, hp_info, batch_size: int, templat
     try:
         if name == "rome":
             record_rome(rec, undo)
-            order = [[r] for r in requests]
+            # "single": one request per call (every case edited); "chunk": the chunk of
+            # ``batch_size`` per call, as evaluate.py passes it (the checkout's
+            # apply_rome_to_model then edits only request[0] of each chunk)
+            order = [[r] for r in requests] if rome_call == "single" \
+                else chunks(requests, batch_size)
             for batch in order:
                 rm.apply_rome_to_model(model, tok, batch, hp, return_orig_weights=False,
                                        cache_template=None)
@@ -413,6 +418,7 @@ def run_method(name: str, model, tok, records, hp_info, batch_size: int, templat
     finally:
         unpatch(undo)
     return {"batches": [[r["case_id"] for r in b] for b in order], "sequential": True,
+            "rome_call": rome_call if name == "rome" else None,
             "post": post, "edit_s": round(edit_s, 1), "eval_s": round(eval_s, 1)}
 
 
@@ -484,6 +490,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rome-layer", type=int, default=None,
                     help="default: the layer of methods/hparams/rome/smollm2-135m.yaml")
     ap.add_argument("--template-seed", type=int, default=0)
+    ap.add_argument("--rome-call", default="single", choices=["single", "chunk"],
+                    help="ROME: one request per apply_rome_to_model call (default), or the "
+                         "chunk of --batch-size per call as the checkout's evaluate.py does "
+                         "(its apply_rome_to_model edits only the chunk's first request)")
     ap.add_argument("--methods", default="rome,memit,alphaedit")
     ap.add_argument("--original-stats-dir", default=None,
                     help="where the original's layer_stats caches its C0 (default: a temp dir)")
@@ -579,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
         log(name)
         t0 = time.perf_counter()
         runs[name] = run_method(name, model, tok, records, hps[name], args.batch_size,
-                                templates, C_inj, rec)
+                                templates, C_inj, rec, args.rome_call)
         timings[f"{name}_s"] = round(time.perf_counter() - t0, 1)
         runs[name]["hparams"] = hps[name]["data"]
         runs[name]["hparams_changed_from_llama3_8b"] = hps[name]["changed"]

@@ -168,13 +168,22 @@ def main(argv: list[str] | None = None) -> int:
         "\n")[0])
     ap.add_argument("--write", action="store_true",
                     help=f"regenerate {GOLDEN.relative_to(ROOT)} (else: check against it)")
-    ap.add_argument("--methods", default=None, help="comma-separated subset (check only)")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated subset (with --write: regenerate only these cells; "
+                         "the document then lists them under 'regenerated')")
     args = ap.parse_args(argv)
     methods = args.methods.split(",") if args.methods else None
-    if args.write and methods:
-        ap.error("--write regenerates every method; drop --methods")
     doc = generate(methods)
     if args.write:
+        if methods:  # merge: the other cells stay as recorded, at their revision
+            old = load_golden()
+            if old.get("model_sha256") != doc["model_sha256"]:
+                ap.error("the model's weights differ from the recorded ones: regenerate "
+                         "every method (drop --methods)")
+            old["cells"].update(doc["cells"])
+            old.setdefault("regenerated", []).append(
+                {"methods": methods, "git": doc["git"], "versions": doc["versions"]})
+            doc = old
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         print(f"golden: wrote {GOLDEN}")

@@ -41,7 +41,11 @@ def _timed(lm: Any, fn: Any) -> tuple[Any, float]:
 
 
 def measure(model: str, device: str, dtype: str, methods: list[str], n_cases: int,
-            batch_size: int, stats_tokens: int, data: str | None) -> dict[str, Any]:
+            batch_size: int | list[int], stats_tokens: int, data: str | None
+            ) -> dict[str, Any]:
+    """``batch_size``: one size, or several: each method is then timed on one batch of each
+    (phases ``edit:<method>@<size>``; issue 17 asks that time per edit at 100 be no worse than
+    at 10)."""
     from methods import get_method
     from methods.base import load_hparams
     from methods.solvers import nullspace_projector
@@ -53,7 +57,8 @@ def measure(model: str, device: str, dtype: str, methods: list[str], n_cases: in
         torch.cuda.reset_peak_memory_stats(lm.device)
     path = find_data_file("counterfact", counterfact.DEFAULT_FILES, counterfact.CANONICAL_URL,
                           explicit=data)
-    requests = counterfact.load(path)[:max(n_cases, batch_size)]
+    sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
+    requests = counterfact.load(path)[:max(n_cases, *sizes)]
     report: dict[str, Any] = {"model": model, "dtype": str(lm.dtype),
                               "device": device_description(lm.device),
                               "versions": package_versions(), "phases": {}}
@@ -74,9 +79,9 @@ def measure(model: str, device: str, dtype: str, methods: list[str], n_cases: in
     _, t_proj = _timed(lm, lambda: [nullspace_projector(res.C0[layer]) for layer in layers])
     ph["nullspace_projection"] = {"s_per_layer": t_proj / len(layers)}
 
-    # --- one batch per method -----------------------------------------------------------------
-    batch = requests[:batch_size]
-    for name in methods:
+    # --- one batch per method (and size) -------------------------------------------------------
+    for name, size in ((m, b) for m in methods for b in sizes):
+        batch = requests[:size]
         mod = get_method(name)
         hp, _ = load_hparams(mod.Hparams, name, model)
         if hasattr(hp, "stats_tokens"):
@@ -85,13 +90,15 @@ def measure(model: str, device: str, dtype: str, methods: list[str], n_cases: in
             hp.layers = [layer for layer in hp.layers if layer < lm.n_layers] or [0]
         snap = {layer: lm.rewrite_weight(layer).detach().clone()
                 for layer in getattr(hp, "layers", [])}
-        outcome, total = _timed(lm, lambda mod=mod, hp=hp: mod.edit(lm, batch, hp, {}))
+        outcome, total = _timed(lm, lambda mod=mod, hp=hp, batch=batch: mod.edit(lm, batch, hp,
+                                                                              {}))
         with torch.no_grad():
             for layer, w in snap.items():
                 lm.rewrite_weight(layer).copy_(w)
-        ph[f"edit:{name}"] = {"s_per_edit": total / len(batch), "batch": len(batch),
-                              **{k: v / len(batch) for k, v in outcome.timings.items()}}
-    if "alphaedit" in methods and "metake" in methods:
+        key = f"edit:{name}" if len(sizes) == 1 else f"edit:{name}@{size}"
+        ph[key] = {"s_per_edit": total / len(batch), "batch": len(batch),
+                   **{k: v / len(batch) for k, v in outcome.timings.items()}}
+    if "alphaedit" in methods and "metake" in methods and len(sizes) == 1:
         report["metake_overhead"] = (ph["edit:metake"]["s_per_edit"]
                                      / ph["edit:alphaedit"]["s_per_edit"])
 
@@ -158,14 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--methods", default="rome,memit,alphaedit,metake")
     ap.add_argument("--n-cases", type=int, default=50)
-    ap.add_argument("--batch-size", type=int, default=10)
+    ap.add_argument("--batch-size", default="10",
+                    help="edits per timed batch; several comma-separated sizes time each")
     ap.add_argument("--stats-tokens", type=int, default=50_000)
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default="perf_out")
     args = ap.parse_args(argv)
     try:
         report = measure(args.model, args.device, args.dtype, args.methods.split(","),
-                         args.n_cases, args.batch_size, args.stats_tokens, args.data)
+                         args.n_cases, [int(b) for b in args.batch_size.split(",")],
+                         args.stats_tokens, args.data)
     except UserError as exc:
         print(f"keh: error: {exc}", file=sys.stderr)
         return 2

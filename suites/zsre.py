@@ -292,7 +292,7 @@ def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
                   "neighborhood": [(p, r.neighborhood_target) for p in r.neighborhood_prompts]}
                  for r in requests]
         for rec, gen in zip(records, answers.answer_metrics(
-                lm, items, answer_tokens, batch_size=min(batch_size, 16)), strict=True):
+                lm, items, answer_tokens, batch_size=batch_size), strict=True):
             rec.update(gen)
     return records
 

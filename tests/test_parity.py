@@ -104,10 +104,12 @@ def hparams(method: str, ref, shared_data) -> Any:
     assert not differ, f"faithful preset differs from the published Llama-3-8B file: {differ}"
     # the fixture may have been recorded with fewer target steps (CPU time): same on both sides
     changed = {k: v for k, v in run["hparams_changed_from_llama3_8b"].items() if k in same}
+    # the layers the fixture was recorded at (its ROME run: layer 6, the faithful file's layer
+    # then; the file now takes the published layer 5): per-case parity holds at any layer
     hp, _ = load_hparams(mod.Hparams, method, "smollm2-135m", preset="faithful",
                          overrides={"context_template_texts": texts, **changed,
+                                    "layers": list(run["hparams"]["layers"]),
                                     **stats_overrides(ref, shared_data)})
-    assert list(hp.layers) == list(run["hparams"]["layers"]), "fixture made for other layers"
     return hp
 
 

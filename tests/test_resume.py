@@ -212,7 +212,8 @@ def test_resume_in_process_after_crash(tmp_path, tiny_lm, monkeypatch, crash_ref
     ref = crash_refs[sequential]
     assert _records(run_dir) == _records(ref)
     if sequential:
-        assert (run_dir / "curve.jsonl").read_bytes() == (ref / "curve.jsonl").read_bytes()
+        # equal curves apart from the memory readings (the process's RSS is not reproducible)
+        assert _curve_without_memory(run_dir) == _curve_without_memory(ref)
     assert torch.equal(tiny_lm.rewrite_weight(1), before)
     assert len(list((run_dir / ckpt.CHECKPOINT_DIR).glob("tensors-*"))) == 1
 
@@ -361,3 +362,9 @@ def test_nondeterministic_ops_are_listed(tmp_path, tiny_lm, shared_data, monkeyp
     manifest = json.loads((run_dir / rec_io.MANIFEST).read_text())
     assert manifest["nondeterministic_ops"] == [
         "fake_op does not have a deterministic implementation"]
+
+
+def _curve_without_memory(run_dir) -> list[dict]:
+    lines = [json.loads(x) for x in (run_dir / "curve.jsonl").read_text().splitlines() if x]
+    assert all("memory" in x for x in lines)
+    return [{k: v for k, v in x.items() if k != "memory"} for x in lines]

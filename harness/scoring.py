@@ -84,19 +84,26 @@ class Packed:
     lengths: list[int]
 
 
-def pack(tok, pairs: Sequence[tuple[list[int], list[int]]], device: torch.device) -> Packed:
-    """Right-pad encoded (prompt, target) pairs into one batch."""
+def right_pad(tok, seqs: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (B, T) on the CPU, every sequence flush left (right
+    padding keeps each real token's position id)."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    seqs = [p + t for p, t in pairs]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s)
+        mask[r, :len(s)] = 1
+    return ids, mask
+
+
+def pack(tok, pairs: Sequence[tuple[list[int], list[int]]], device: torch.device) -> Packed:
+    """Right-pad encoded (prompt, target) pairs into one batch."""
+    ids, mask = right_pad(tok, [p + t for p, t in pairs])
     rows: list[int] = []
     cols: list[int] = []
     tgt: list[int] = []
-    for r, ((p_ids, t_ids), s) in enumerate(zip(pairs, seqs, strict=True)):
-        ids[r, :len(s)] = torch.tensor(s)
-        mask[r, :len(s)] = 1
+    for r, (p_ids, t_ids) in enumerate(pairs):
         # position len(p) - 1 + j predicts target token j
         rows += [r] * len(t_ids)
         cols += range(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids))
@@ -164,7 +171,6 @@ def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str], batch_size: int
     length and right-padded ``batch_size`` at a time; the unembedding is applied only at each
     prompt's last real token."""
     tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     enc = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     if any(not e for e in enc):
         raise ValueError("a prompt tokenises to nothing")
@@ -172,12 +178,7 @@ def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str], batch_size: int
     out: list[torch.Tensor] = [torch.empty(0)] * len(enc)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, :len(enc[i])] = torch.tensor(enc[i])
-            mask[r, :len(enc[i])] = 1
+        ids, mask = right_pad(tok, [enc[i] for i in idx])
         rows = torch.arange(len(idx), device=lm.device)
         cols = torch.tensor([len(enc[i]) - 1 for i in idx], device=lm.device)
         logits = logits_at(lm, ids.to(lm.device), mask.to(lm.device), rows, cols)

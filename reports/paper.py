@@ -21,25 +21,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from reports import inference as inf
 from reports.claims import NotTestable, holm, location_test, pair
 from reports.load import Runs
-from reports.tables import COLUMNS, Table, _digits, cluster_labels, fmt_ci, scale_of, slug
+from reports.tables import COLUMNS, Table, _ci_cells, cluster_labels, slug
 
 #: the suites of the layout, in column order
 SUITES = ("counterfact", "zsre")
 SUITE_LABEL = {"counterfact": "CF", "zsre": "zsRE"}
-
-
-def _cell(rows: pd.DataFrame, col: str, n_resamples: int, seed: int
-          ) -> tuple[float, float, float, str]:
-    if col not in rows.columns or not rows[col].notna().any():
-        return np.nan, np.nan, np.nan, "–"
-    k = scale_of(col)
-    ci = inf.wild_cluster_ci(rows[col].to_numpy(float) * k, cluster_labels(rows),
-                             n_draws=n_resamples, seed=seed)
-    lo = max(ci.lo, 0.0) if np.isfinite(ci.lo) else ci.lo
-    return ci.value, lo, ci.hi, fmt_ci(ci.value, lo, ci.hi, _digits(col))
 
 
 def best_arm(runs: Runs, arms: list[str], col: str, means: Mapping[str, float],
@@ -85,12 +73,16 @@ def paper_table(model: str, parts: Mapping[str, Runs], n_resamples: int = 2000,
         runs = parts[suite]
         means: dict[str, float] = {}
         for i, arm in enumerate(arms):
-            rows = runs.frame[runs.frame["arm"] == arm]
-            value, lo, hi, text = _cell(rows, col, n_resamples, seed) if len(rows) \
-                else (np.nan, np.nan, np.nan, "–")
-            raw_rows[i].update({label: value, f"{label}_lo": lo, f"{label}_hi": hi})
-            disp_rows[i][label] = text
-            means[arm] = value
+            rows = runs.rows_of(arm)
+            if len(rows):
+                raw, disp = _ci_cells(rows, [(label, col)], cluster_labels(rows), n_resamples,
+                                      seed)
+            else:  # the arm did not run on this suite
+                raw, disp = {label: np.nan, f"{label}_lo": np.nan, f"{label}_hi": np.nan}, \
+                    {label: "–"}
+            raw_rows[i].update(raw)
+            disp_rows[i].update(disp)
+            means[arm] = raw[label]
         top = best_arm(runs, arms, col, means, alpha, seed)
         if top is not None:
             bold.add((arms.index(top), label))

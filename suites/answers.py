@@ -71,6 +71,16 @@ def token_f1(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def request_items(requests: Sequence[Any]) -> list[dict[str, list[tuple[str, str]]]]:
+    """The (prompt, reference) pairs of each request by group: rewrite and paraphrase prompts
+    against ``target_new``, neighbourhood prompts against their own answer
+    (``neighborhood_target``, else ``target_true``)."""
+    return [{"efficacy": [(r.rewrite_prompt, r.target_new)],
+             "paraphrase": [(p, r.target_new) for p in r.paraphrase_prompts],
+             "neighborhood": [(p, r.neighborhood_target or r.target_true)
+                              for p in r.neighborhood_prompts]} for r in requests]
+
+
 def answer_metrics(lm: Any, items: Sequence[dict[str, Sequence[tuple[str, str]]]],
                    max_new_tokens: int = DEFAULT_ANSWER_TOKENS, batch_size: int = 16
                    ) -> list[dict[str, Any]]:

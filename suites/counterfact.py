@@ -288,12 +288,9 @@ def evaluate(lm, requests: list[EditRequest], batch_size: int = 32,
                            strict=True):
             rec.update(kl)
     if answer_tokens > 0:
-        items = [{"efficacy": [(r.rewrite_prompt, r.target_new)],
-                  "paraphrase": [(p, r.target_new) for p in r.paraphrase_prompts],
-                  "neighborhood": [(p, r.neighborhood_target or r.target_true)
-                                   for p in r.neighborhood_prompts]} for r in requests]
-        for rec, gen in zip(records, answers.answer_metrics(
-                lm, items, answer_tokens, batch_size=batch_size), strict=True):
+        gens = answers.answer_metrics(lm, answers.request_items(requests), answer_tokens,
+                                      batch_size=batch_size)
+        for rec, gen in zip(records, gens, strict=True):
             rec.update(gen)
     if generation_tokens > 0:
         for rec, gen in zip(records, fluency.generation_metrics(

@@ -2,9 +2,10 @@
 
 A grid is a YAML file (``harness/grids/<name>.yaml`` or any path) with lists ``models``,
 ``methods``, ``suites``, ``seeds`` and scalars ``n_edits``, ``batch_size``, ``sequential``,
-``out_dir``, ``report_dir`` (and optional ``data``, a suite file, and ``hparams_overrides`` per
-method). ``--jobs N`` runs the grid in N processes at once (for a GPU that one small model leaves
-idle); their manifests record ``concurrent_jobs``, since their timings share the device.
+``out_dir``, ``report_dir`` (and optional ``data``, a suite file, ``generation_tokens`` for the
+fluency texts, and ``hparams_overrides`` per method). ``--jobs N`` runs the grid in N processes
+at once (for a GPU that one small model leaves idle); their manifests record
+``concurrent_jobs``, since their timings share the device.
 ``--launcher submitit`` submits the grid as submitit jobs instead (a Slurm job array after
 one job that fills the caches; ``--cluster local`` runs the same jobs on this machine):
 :mod:`harness.launch`. Either way each run is brought to complete by
@@ -46,6 +47,7 @@ class Grid:
     eval_every: int = 0
     downstream: list[str] = field(default_factory=list)
     downstream_limit: int = 200
+    generation_tokens: int = 0
     out_dir: str = "runs/benchmark"
     report_dir: str = "reports_out/benchmark"
     device: str = "auto"
@@ -62,7 +64,8 @@ class Grid:
                 batch_size=self.batch_size, sequential=self.sequential, start=self.start,
                 data=self.data,
                 eval_every=self.eval_every, downstream=list(self.downstream),
-                downstream_limit=self.downstream_limit, out_dir=self.out_dir,
+                downstream_limit=self.downstream_limit,
+                generation_tokens=self.generation_tokens, out_dir=self.out_dir,
                 device=self.device, dtype=self.dtype,
                 hparams_overrides=dict(self.hparams_overrides.get(method, {})),
                 preset=self.preset))

@@ -57,7 +57,7 @@ from statsmodels.stats.multitest import multipletests
 
 from harness.errors import UserError
 from reports import inference as inf
-from reports.load import Runs, load_runs, preset_of
+from reports.load import Runs, differences, load_runs, preset_of
 
 #: default metrics per suite: efficacy, generalisation, locality, and the log-probability margin
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
@@ -144,36 +144,14 @@ def _side(runs: Runs, role: str) -> str:
 
 
 def _check_same_design(base: Runs, cand: Runs) -> None:
-    """Same suite, data file, case set and model weights on both sides (exit 2 otherwise)."""
+    """Same suite, data file, case set and model weights on both sides (exit 2 otherwise);
+    batching may differ (the inference units are joined across runs by :func:`units_of`)."""
     items = [("baseline", rid, m) for rid, m in base.manifests.items()] + \
             [("candidate", rid, m) for rid, m in cand.manifests.items()]
     role0, rid0, m0 = items[0]
-
-    def design(m: Mapping[str, Any]) -> dict[str, Any]:
-        data = m.get("data") or {}
-        return {"suite": (m.get("config") or {}).get("suite"),
-                "data file sha256": data.get("sha256"),
-                "cases": sorted(str(c) for c in data.get("case_ids") or []),
-                "model sha256": (m.get("model") or {}).get("sha256")}
-
-    ref = design(m0)
-    problems = []
-    for role, rid, m in items[1:]:
-        d = design(m)
-        for k in ref:
-            if d[k] == ref[k]:
-                continue
-            if k == "cases":
-                only_a = sorted(set(ref[k]) - set(d[k]))
-                only_b = sorted(set(d[k]) - set(ref[k]))
-                what = (f"{len(ref[k])} vs {len(d[k])} cases; "
-                        + (f"only in {rid0}: {only_a[:3]}" if only_a else "")
-                        + (f" only in {rid}: {only_b[:3]}" if only_b else ""))
-            elif k.endswith("sha256"):
-                what = f"{str(ref[k])[:12]} vs {str(d[k])[:12]}"
-            else:
-                what = f"{ref[k]!r} vs {d[k]!r}"
-            problems.append(f"{role0} {rid0} vs {role} {rid}: different {k} ({what})")
+    problems = [f"{role0} {rid0} vs {role} {rid}: " + "; ".join(diff)
+                for role, rid, m in items[1:]
+                if (diff := differences(m0, m, same_model=True, same_batches=False))]
     if problems:
         raise UserError("the runs cannot be paired case by case: " + " | ".join(problems)
                         + ". Compare runs made on the same cases, data file and model.")

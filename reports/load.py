@@ -340,30 +340,37 @@ def diagnostic_columns(frame: pd.DataFrame) -> list[str]:
 
 
 # ---------------------------------------------------------------- comparability
-def _design(m: Mapping[str, Any]) -> dict[str, Any]:
+def _design(m: Mapping[str, Any], same_batches: bool = True) -> dict[str, Any]:
     cfg, data = m.get("config") or {}, m.get("data") or {}
-    return {"suite": suite_of(m), "data sha256": data.get("sha256"),
-            "case ids": [str(c) for c in data.get("case_ids") or []],
-            "batch size": cfg.get("batch_size"), "sequential": cfg.get("sequential")}
+    ids = [str(c) for c in data.get("case_ids") or []]
+    design = {"suite": suite_of(m), "data sha256": data.get("sha256"),
+              "case ids": ids if same_batches else sorted(ids)}
+    if same_batches:
+        design |= {"batch size": cfg.get("batch_size"), "sequential": cfg.get("sequential")}
+    return design
 
 
 def _describe(key: str, a: Any, b: Any) -> str:
     if key == "case ids":
+        if set(a) != set(b):
+            only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+            return (f"case ids: {len(a)} vs {len(b)} cases"
+                    + (f", only in the first {only_a[:3]}" if only_a else "")
+                    + (f", only in the second {only_b[:3]}" if only_b else ""))
         if len(a) != len(b):
-            return f"case ids: {len(a)} vs {len(b)} cases"
-        if sorted(a) == sorted(b):
-            return "case ids: same cases in a different order"
-        first = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-        return f"case ids: differ from position {first} ({a[first]!r} vs {b[first]!r})"
+            return f"case ids: {len(a)} vs {len(b)} entries (a case repeated)"
+        return "case ids: same cases in a different order"
     if key.endswith("sha256"):
         a, b = (str(x)[:12] if x else x for x in (a, b))
     return f"{key}: {a!r} vs {b!r}"
 
 
 def differences(a: Mapping[str, Any], b: Mapping[str, Any],
-                same_model: bool = True) -> list[str]:
-    """What makes manifests ``a`` and ``b`` unfit for a case-by-case comparison."""
-    da, db = _design(a), _design(b)
+                same_model: bool = True, same_batches: bool = True) -> list[str]:
+    """What makes manifests ``a`` and ``b`` unfit for a case-by-case comparison: suite, data
+    file, case ids (in order, with batch size and mode, when ``same_batches``; as a set
+    otherwise) and, when ``same_model``, the model weights' sha256."""
+    da, db = _design(a, same_batches), _design(b, same_batches)
     if same_model:
         da["model sha256"] = (a.get("model") or {}).get("sha256")
         db["model sha256"] = (b.get("model") or {}).get("sha256")

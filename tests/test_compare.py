@@ -144,8 +144,8 @@ def test_a_second_seed_is_not_worse_and_noninferiority_can_be_required(runs, cap
     assert status == 0 and "non-inferior" in out
 
 
-@pytest.mark.parametrize("which,needle", [("cases", "different cases"),
-                                          ("model", "different model sha256")])
+@pytest.mark.parametrize("which,needle", [("cases", "case ids"),
+                                          ("model", "model sha256")])
 def test_runs_that_cannot_be_paired_exit_2_naming_the_difference(runs, capsys, which, needle):
     status, _, err = _compare(capsys, "--baseline", str(runs["base"]), "--candidate",
                               str(runs[which]))

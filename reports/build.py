@@ -38,8 +38,12 @@ from reports.load import (
 METHODS_TEXT = """\
 * Inference unit: in sequential runs the batch (its edits share one edited model and one point
   of the sequence; batch b holds the same cases in every seed), in batch mode the case. Seeds
-  are averaged per case before any case-level test. Every caption and claim row names its
-  unit and the number of clusters.
+  are averaged per case before any case-level test. With two or more seeds the run is a
+  second cluster (all cases of a sequential run are scored on its one final model): a
+  two-way seed x unit t test (ANOVA variance components, Satterthwaite df; Cameron, Gelbach
+  & Miller 2011) joins every paired test and interval, the larger p and the union of the
+  intervals; with one seed the inference is conditional on that run. Every caption and claim
+  row names its unit and the number of clusters.
 * Means with 95% wild cluster bootstrap-t intervals (Cameron, Gelbach & Miller 2008; Webb's
   six-point weights for few clusters, CR1 standard errors), seeded. With few batches the
   interval widens; there is no fallback to resampling cases. Score (a harmonic mean): cluster

@@ -14,6 +14,12 @@ Inference unit (stated in every row's ``unit``)
 * Sequential runs: the **batch** is the cluster (its cases share one edited model and the
   same point of the sequence; batch b holds the same cases in every seed). Batch mode: the
   case (with its seeds averaged) is the unit.
+* Seeds as a second cluster: a sequential run scores every case on its one final model, so a
+  run moves all its cases together (measured on SmolLM2, 3 seeds: half the variance of
+  MetaKE - AlphaEdit fluency). With two or more paired seeds every location test below is
+  joined by the two-way seed x unit t test (:func:`reports.inference.seed_batch_t_test`):
+  the row takes the larger p, the union of the intervals and the larger MDE. With one seed
+  the inference is conditional on that run (the row's unit says so).
 * Paired location tests (T2, T3, T5, T7): a cluster sign-flip randomisation test of the mean
   paired difference (exact for up to 12 clusters; :mod:`reports.inference`), with a wild
   cluster bootstrap-t interval (Webb weights). No fallback to resampling cases: with few
@@ -133,6 +139,24 @@ class Paired:
     runs_y: list[str]
     sequential: bool
     n_failed: int = 0  # cases with a failed edit in either arm (any paired seed)
+    #: with two or more paired seeds: x, y per (seed, case_id) (MultiIndex), else None
+    by_seed: pd.DataFrame | None = None
+
+    def cells(self, which: str = "diff", scale: float = 1.0) -> np.ndarray | None:
+        """The (seeds, units) table of cell means of ``scale * (x - y)`` (``which="diff"``)
+        or of ``scale * x`` (``"x"``), for the two-way seed x unit test; None with fewer
+        than two paired seeds. Units follow :attr:`units` (batch, or case in batch mode)."""
+        if self.by_seed is None or self.by_seed.empty:
+            return None
+        f = self.by_seed
+        v = (f["x"] - f["y"]) if which == "diff" else f["x"]
+        case = f.index.get_level_values("case_id")
+        batch = self.frame["batch"].reindex(case).to_numpy()
+        unit = batch if self.sequential else np.asarray(case, dtype=object)
+        table = pd.DataFrame({"seed": f.index.get_level_values("seed"), "unit": unit,
+                              "v": scale * v.to_numpy(float)})
+        out = table.groupby(["seed", "unit"])["v"].mean().unstack("unit")
+        return out.to_numpy(float) if len(out) >= 2 else None
 
     @property
     def units(self) -> np.ndarray:
@@ -148,7 +172,8 @@ class Paired:
 
     def unit_name(self) -> str:
         g = len(set(self.units))
-        seeds = "seeds averaged per case" if len(self.seeds) > 1 else "one seed"
+        seeds = (f"{len(self.seeds)} seeds averaged per case; seed x unit two-way test too"
+                 if len(self.seeds) > 1 else "one seed: conditional on the run")
         if self.sequential:
             return f"batch ({g} clusters; {seeds})"
         return f"case ({g}; {seeds})"
@@ -255,9 +280,16 @@ def pair(runs: Runs, arm_x: str, arm_y: str, col_x: str, col_y: str | None = Non
         raise NotTestable(f"no case with both {_short(col_x)} of {arm_x} and "
                           f"{_short(col_y)} of {arm_y}")
     rows_x, _ = _case_info(runs, arm_x, common)
+    by_seed = None
+    if len(common) >= 2:
+        rows_y, _ = _case_info(runs, arm_y, common)
+        by_seed = pd.DataFrame({
+            "x": rows_x.groupby(["seed", "case_id"])[col_x].mean(),
+            "y": rows_y.groupby(["seed", "case_id"])[col_y].mean()}).dropna()
+        by_seed = by_seed[by_seed.index.get_level_values("case_id").isin(frame.index)]
     return Paired(frame, list(common), sorted({r for v in sx.values() for r in v}),
                   sorted({r for v in sy.values() for r in v}),
-                  bool(rows_x["sequential"].any()), int(failed.sum()))
+                  bool(rows_x["sequential"].any()), int(failed.sum()), by_seed)
 
 
 # ---------------------------------------------------------------- rows
@@ -306,15 +338,24 @@ class LocationTest:
     ci_method: str
     b: int | None = None
     c: int | None = None
+    n_seeds: int = 1  # seeds in the two-way seed x unit test (1: none ran)
+    seed_share: float = math.nan  # share of the two-way variance the seeds add
 
 
 def location_test(d: Any, units: Any, alpha: float = ALPHA, seed: int = 0,
                   n_draws: int = inf.DEFAULT_DRAWS, mu0: float = 0.0,
                   alternative: str = "two-sided", confidence: float = 0.95,
-                  binary_pairs: tuple[Any, Any] | None = None) -> LocationTest:
+                  binary_pairs: tuple[Any, Any] | None = None,
+                  cells: np.ndarray | None = None) -> LocationTest:
     """Cluster sign-flip test of mean(d) = mu0 with a wild cluster bootstrap-t interval and
     the MDE; for 0/1 pairs (``binary_pairs=(x, y)``) with the case as unit, the exact McNemar
-    test (statsmodels) instead, which is the sign-flip test's exact binomial form."""
+    test (statsmodels) instead, which is the sign-flip test's exact binomial form.
+
+    With ``cells`` (the (seeds, units) table of cell means of d, two or more seeds) the
+    seeds are a second cluster dimension: the two-way seed x unit t test
+    (:func:`reports.inference.seed_batch_t_test`) runs too, and the row takes the larger p,
+    the union of the two intervals and the larger MDE (valid when either test is: the
+    randomisation test without run effects, the two-way test with them)."""
     d = np.asarray(d, dtype=float)
     ci = inf.wild_cluster_ci(d, units, confidence, seed=seed,
                              alternative="greater" if alternative == "greater"
@@ -330,16 +371,38 @@ def location_test(d: Any, units: Any, alpha: float = ALPHA, seed: int = 0,
             b = int(np.sum((x == 1) & (y == 0)))
             c = int(np.sum((x == 0) & (y == 1)))
             p = float(mcnemar([[0, b], [c, 0]], exact=True).pvalue) if b + c else 1.0
-            return LocationTest("mcnemar", flip.mean, ci.lo, ci.hi, p, flip.n, g, mde,
-                                ci.method, b, c)
-    return LocationTest("sign-flip", flip.mean, ci.lo, ci.hi, flip.p, flip.n, g, mde,
-                        f"{ci.method}; sign-flip {flip.method}")
+            res = LocationTest("mcnemar", flip.mean, ci.lo, ci.hi, p, flip.n, g, mde,
+                               ci.method, b, c)
+            return _with_seeds(res, cells, mu0, alternative, confidence, alpha)
+    res = LocationTest("sign-flip", flip.mean, ci.lo, ci.hi, flip.p, flip.n, g, mde,
+                       f"{ci.method}; sign-flip {flip.method}")
+    return _with_seeds(res, cells, mu0, alternative, confidence, alpha)
+
+
+def _with_seeds(res: LocationTest, cells: np.ndarray | None, mu0: float, alternative: str,
+                confidence: float, alpha: float) -> LocationTest:
+    """``res`` joined with the two-way seed x unit test of ``cells`` (see location_test)."""
+    if cells is None:
+        return res
+    tw = inf.seed_batch_t_test(cells, mu0, alternative, confidence)
+    if not np.isfinite(tw.p):
+        return res
+    res.p = max(res.p, tw.p)
+    res.lo = float(np.nanmin([res.lo, tw.lo]))
+    res.hi = float(np.nanmax([res.hi, tw.hi]))
+    res.mde = max(res.mde, inf.mde_t(tw.se, tw.df, alpha, alternative=alternative))
+    res.n_seeds, res.seed_share = tw.n_seeds, tw.seed_share
+    res.ci_method += (f"; joined with the {tw.method} over {tw.n_seeds} seeds x "
+                      f"{tw.n_units} units (seeds add {100 * tw.seed_share:.0f}% of its "
+                      f"variance)")
+    return res
 
 
 def _paired_row(claim: str, test: str, pr: Paired, sign: int, s: Settings) -> dict[str, Any]:
     """A paired row; the claim holds if the mean difference's sign is ``sign``."""
     x, y = pr.frame["x"].to_numpy(float), pr.frame["y"].to_numpy(float)
-    res = location_test(x - y, pr.units, s.alpha, s.seed, s.n_draws, binary_pairs=(x, y))
+    res = location_test(x - y, pr.units, s.alpha, s.seed, s.n_draws, binary_pairs=(x, y),
+                        cells=pr.cells())
     ok = bool(np.sign(res.mean) == sign) if np.isfinite(res.mean) else False
     name = ("mean difference x - y, cluster sign-flip" if res.test == "sign-flip"
             else "difference of proportions, exact McNemar")
@@ -472,7 +535,7 @@ def t3_alignment(runs: Runs, s: Settings) -> list[dict[str, Any]]:
         require(runs, [s.treatment], ["diag_shift_cos"])
         pr = pair(runs, s.treatment, s.treatment, "diag_shift_cos")
         x = pr.frame["x"].to_numpy(float)
-        res = location_test(x, pr.units, s.alpha, s.seed, s.n_draws)
+        res = location_test(x, pr.units, s.alpha, s.seed, s.n_draws, cells=pr.cells("x"))
         return _row("T3", test, "mean, one-sample cluster sign-flip", res.mean,
                     (res.lo, res.hi), res.p, res.n, bool(res.mean > 0),
                     f"CI {res.ci_method}", unit=pr.unit_name(), n_clusters=res.n_clusters,
@@ -552,7 +615,7 @@ def t6_locality(runs: Runs, s: Settings) -> list[dict[str, Any]]:
                 raise NotTestable(f"{exc}{hint}") from exc
             d = (pr.frame["x"] - pr.frame["y"]).to_numpy(float) * scale
             res = location_test(d, pr.units, s.alpha, s.seed, s.n_draws, mu0=-s.margin,
-                                alternative="greater")
+                                alternative="greater", cells=pr.cells(scale=scale))
             detail = (f"H0: mean <= -{s.margin:g}; shown with 80% power only if the true "
                       f"difference >= {-s.margin + res.mde:+.3g}; lower bound {res.ci_method}")
             if pr.n_failed:
@@ -590,8 +653,12 @@ def t7_ordering(runs: Runs, s: Settings) -> list[dict[str, Any]]:
             both = pd.DataFrame({"x": a.frame["x"] - a.frame["y"],
                                  "y": (b.frame["x"] - b.frame["y"]).reindex(a.frame.index),
                                  "batch": a.frame["batch"]}).dropna()
-            pr = Paired(both, sorted(set(a.seeds) | set(b.seeds)), [], [], a.sequential,
-                        max(a.n_failed, b.n_failed))
+            by_seed = None
+            if a.by_seed is not None and b.by_seed is not None:
+                by_seed = pd.DataFrame({"x": a.by_seed["x"] - a.by_seed["y"],
+                                        "y": b.by_seed["x"] - b.by_seed["y"]}).dropna()
+            pr = Paired(both, sorted(set(a.seeds) & set(b.seeds)), [], [], a.sequential,
+                        max(a.n_failed, b.n_failed), by_seed)
             row = _paired_row("T7", test, pr, 1, s)
             row["detail"] = f"gains in {col}; " + row["detail"]
             return row
@@ -608,10 +675,18 @@ def t7_ordering(runs: Runs, s: Settings) -> list[dict[str, Any]]:
             raise NotTestable(f"no equivalence margin for {col}")
         d = (pr.frame["x"] - pr.frame["y"]).to_numpy(float)
         lo = location_test(d, pr.units, s.alpha, s.seed, s.n_draws, mu0=-m,
-                           alternative="greater", confidence=0.95)
+                           alternative="greater", confidence=0.95, cells=pr.cells())
         hi = location_test(-d, pr.units, s.alpha, s.seed, s.n_draws, mu0=-m,
-                           alternative="greater", confidence=0.95)
+                           alternative="greater", confidence=0.95,
+                           cells=pr.cells(scale=-1.0))
         ci = inf.wild_cluster_ci(d, pr.units, 0.90, seed=s.seed)
+        cells = pr.cells()
+        if cells is not None:  # the TOST's 90% interval joins the two-way one (seeds)
+            tw = inf.seed_batch_t_test(cells, confidence=0.90)
+            if np.isfinite(tw.p):
+                ci = inf.ClusterCI(ci.value, float(np.nanmin([ci.lo, tw.lo])),
+                                   float(np.nanmax([ci.hi, tw.hi])), ci.n, ci.n_clusters,
+                                   ci.se, f"{ci.method}, joined with the {tw.method}")
         p = max(lo.p, hi.p)
         ok = bool(abs(lo.mean) < m)
         return _row("T7", test, f"mean ROME gain, TOST margin +-{m:g}", lo.mean,

@@ -216,6 +216,28 @@ def binary_pairs(base: Runs, cand: Runs, metric: str, sign: float = 1.0
     return (x, y) if sign > 0 else (1 - x, 1 - y)
 
 
+def seed_cells(base: Runs, cand: Runs, metric: str, units: pd.Series, sign: float = 1.0
+               ) -> np.ndarray | None:
+    """The (runs, units) table of unit means of ``sign * (candidate - baseline)`` when both
+    sides have as many runs, two or more (the k-th seed of one paired with the k-th of the
+    other, as :func:`binary_pairs`), else None: the seed as a second cluster dimension
+    (:func:`reports.inference.seed_batch_t_test`)."""
+    def by_run(runs: Runs) -> list[pd.Series]:
+        f = runs.frame
+        groups = sorted(f.groupby("run_id", sort=False), key=lambda kv: str(
+            kv[1]["seed"].iloc[0]))
+        return [g.groupby(g["case_id"].astype(str))[metric].mean() for _, g in groups]
+
+    sb, sc = by_run(base), by_run(cand)
+    if len(sb) != len(sc) or len(sb) < 2:
+        return None
+    rows = []
+    for b, c in zip(sb, sc, strict=True):
+        d = (sign * (c - b)).dropna()
+        rows.append(d.groupby(units.reindex(d.index).to_numpy(object)).mean())
+    return pd.DataFrame(rows).to_numpy(float)
+
+
 def _unit_words(units: pd.Series, frame: pd.DataFrame) -> str:
     g = units.nunique()
     seq = bool(frame["sequential"].any())
@@ -240,7 +262,8 @@ class MarginTests:
 
 def margin_tests(d: Any, units: Any, margin: float, alpha: float = ALPHA,
                  n_draws: int = N_DRAWS, seed: int = 0,
-                 binary_pairs: tuple[Any, Any] | None = None) -> MarginTests:
+                 binary_pairs: tuple[Any, Any] | None = None,
+                 cells: np.ndarray | None = None) -> MarginTests:
     """Worse and non-inferior tests of mean(d) against -``margin`` (module notes).
 
     ``d``: (n,) paired differences candidate - baseline, oriented so that higher is better;
@@ -255,7 +278,13 @@ def margin_tests(d: Any, units: Any, margin: float, alpha: float = ALPHA,
     cluster sign-flip and Tango's test reject (p = the larger p; an intersection-union test, at
     most as large as the smaller of the two sizes, so valid where either one is). Other
     outcomes: the larger p of the sign-flip and the cluster bootstrap-t test, which follows
-    skewed unit totals that the symmetric sign-flip null does not."""
+    skewed unit totals that the symmetric sign-flip null does not.
+
+    ``cells``: the (seeds, units) table of unit means of ``d`` per paired seed (two or
+    more): every case of a run is scored on that run's final model, so the seed is a
+    second cluster dimension; the two-way seed x unit t test
+    (:func:`reports.inference.seed_batch_t_test`) then joins both tests (the larger p) and
+    the interval (the union)."""
     worse = inf.sign_flip_test(d, units, mu0=-margin, alternative="less", n_draws=n_draws,
                                seed=seed)
     noninf = inf.sign_flip_test(d, units, mu0=-margin, alternative="greater", n_draws=n_draws,
@@ -282,7 +311,17 @@ def margin_tests(d: Any, units: Any, margin: float, alpha: float = ALPHA,
         if worse.method in ("exact", "degenerate") and floor >= alpha:
             notes.append(f"{worse.n_clusters} units: a sign-flip test cannot reach "
                          f"p < {alpha:g} (smallest p {floor:.3g}); run more cases")
-    return MarginTests(worse.mean, ci.lo, ci.hi, worse.n_clusters, p_worse, p_noninf,
+    lo, hi = ci.lo, ci.hi
+    if cells is not None:
+        tw_worse = inf.seed_batch_t_test(cells, -margin, "less", 1 - alpha)
+        if np.isfinite(tw_worse.p):
+            tw_noninf = inf.seed_batch_t_test(cells, -margin, "greater", 1 - alpha)
+            p_worse, p_noninf = max(p_worse, tw_worse.p), max(p_noninf, tw_noninf.p)
+            lo = float(np.nanmin([lo, tw_noninf.lo]))
+            hi = float(np.nanmax([hi, tw_worse.hi]))
+            notes.append(f"joined with the {tw_worse.method} over {tw_worse.n_seeds} seeds "
+                         f"(seeds add {100 * tw_worse.seed_share:.0f}% of its variance)")
+    return MarginTests(worse.mean, lo, hi, worse.n_clusters, p_worse, p_noninf,
                        "; ".join(notes))
 
 
@@ -333,7 +372,8 @@ def compare_runs(base: Runs, cand: Runs, metrics: Sequence[str] | None = None,
         sign = -1.0 if metric in flip else 1.0
         d = sign * (pair["c"] - pair["b"]).to_numpy(float)
         t = margin_tests(d, units.reindex(pair.index).to_numpy(object), margin, alpha,
-                         n_draws, seed, binary_pairs(base, cand, metric, sign))
+                         n_draws, seed, binary_pairs(base, cand, metric, sign),
+                         seed_cells(base, cand, metric, units, sign))
         results.append(MetricResult(
             metric, margin, metric in flip, float(pair["b"].mean()), float(pair["c"].mean()),
             sign * t.diff, *sorted((sign * t.lo, sign * t.hi)), int(pair.shape[0]),

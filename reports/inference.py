@@ -29,6 +29,16 @@ Every function takes per-observation values and a cluster label per observation;
   H0 boundary (trinomial model; asymptotic normal above :data:`TANGO_EXACT_MAX_N` cases).
   Unlike a sign-flip test at a non-zero margin it stays valid when almost every pair is
   tied (no discordant case says little about a 2-point margin).
+* :func:`seed_batch_t_test`: with several seeds, the seed (run) is a second, crossed cluster
+  dimension: every case of a sequential run is scored on that run's one final model, so a
+  model-level outcome (fluency, neighbourhood scores) moves with the run. On the balanced
+  table D[s, g] of cell means (seed s, unit g) it is the two-way random-effects model
+  D = mu + u_s + v_g + e_sg; the variance of the grand mean is
+  sigma_u^2/S + sigma_v^2/G + sigma_e^2/(SG), estimated by ANOVA mean squares as
+  (MS_seed + MS_unit - MS_e)/(SG) (the multiway cluster-robust form V_seed + V_unit - V_cell
+  of Cameron, Gelbach & Miller 2011), with the seed increment (MS_seed - MS_e)/(SG) clamped
+  at 0 so that it never falls below the one-way (units only) variance MS_unit/(SG), and a t
+  reference on Satterthwaite's degrees of freedom.
 * :func:`mde`: the minimum detectable effect at 80% power from the null spread of a test
   statistic: (q_{1-alpha/2} + q_{power}) * sd_0 with t quantiles on G - 1 degrees of freedom
   (normal for G >= 200); infinite where the randomisation test cannot reach alpha.
@@ -249,6 +259,82 @@ def cluster_bootstrap_t_test(values: Any, clusters: Any = None, mu0: float = 0.0
                       "cluster bootstrap-t")
 
 
+@dataclass
+class TwoWayResult:
+    """A t test of mean(D) = mu0 on a seed x unit table of cell means (module notes)."""
+
+    mean: float
+    se: float
+    df: float
+    p: float
+    lo: float
+    hi: float
+    n_seeds: int
+    n_units: int
+    seed_share: float  # share of the variance that the seed dimension adds (0: none)
+    method: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def seed_batch_t_test(cells: Any, mu0: float = 0.0, alternative: str = "two-sided",
+                      confidence: float = 0.95) -> TwoWayResult:
+    """Two-way (seed x unit) t test and interval of the grand mean of ``cells`` (S, G).
+
+    Units (columns) with a missing cell are dropped so the table is balanced; fewer than 2
+    seeds or 3 units give no test (p nan). ``alternative`` "greater" gives a one-sided lower
+    bound (``hi`` = inf), "less" an upper one (``lo`` = -inf). Formulas in the module notes."""
+    d = np.asarray(cells, dtype=float)
+    if d.ndim != 2:
+        raise ValueError(f"cells must be a 2-D (seeds, units) table, not shape {d.shape}")
+    d = d[:, np.all(np.isfinite(d), axis=0)]
+    n_s, n_g = d.shape
+    if n_s < 2 or n_g < 3:
+        mean = float(d.mean()) if d.size else math.nan
+        return TwoWayResult(mean, math.nan, math.nan, math.nan, math.nan, math.nan, n_s, n_g,
+                            math.nan, f"none ({n_s} seeds x {n_g} units)")
+    grand = float(d.mean())
+    rows, cols = d.mean(axis=1), d.mean(axis=0)
+    ms_s = n_g * float(np.sum((rows - grand) ** 2)) / (n_s - 1)
+    ms_g = n_s * float(np.sum((cols - grand) ** 2)) / (n_g - 1)
+    resid = d - rows[:, None] - cols[None, :] + grand
+    df_e = (n_s - 1) * (n_g - 1)
+    ms_e = float(np.sum(resid**2)) / df_e
+    extra = max(0.0, ms_s - ms_e)
+    var = (ms_g + extra) / (n_s * n_g)
+    if extra > 0:
+        df = (ms_s + ms_g - ms_e) ** 2 / (ms_s**2 / (n_s - 1) + ms_g**2 / (n_g - 1)
+                                          + ms_e**2 / df_e)
+    else:
+        df = float(n_g - 1)
+    share = extra / (ms_g + extra) if ms_g + extra > 0 else 0.0
+    method = f"two-way (seed x unit) t, {df:.1f} df"
+    se = math.sqrt(var)
+    a = 1.0 - confidence
+    if se == 0:  # every cell equal: the data leave no doubt
+        p = {"two-sided": float(grand == mu0), "greater": float(grand <= mu0),
+             "less": float(grand >= mu0)}[alternative]
+        lo = -math.inf if alternative == "less" else grand
+        hi = math.inf if alternative == "greater" else grand
+        return TwoWayResult(grand, 0.0, df, p, lo, hi, n_s, n_g, share, method)
+    t = (grand - mu0) / se
+    dist = stats.t(df)
+    if alternative == "two-sided":
+        p = float(2 * dist.sf(abs(t)))
+        q = float(dist.ppf(1 - a / 2))
+        return TwoWayResult(grand, se, df, p, grand - q * se, grand + q * se, n_s, n_g,
+                            share, method)
+    if alternative == "greater":
+        return TwoWayResult(grand, se, df, float(dist.sf(t)),
+                            grand - float(dist.ppf(1 - a)) * se, math.inf, n_s, n_g, share,
+                            method)
+    if alternative == "less":
+        return TwoWayResult(grand, se, df, float(dist.cdf(t)), -math.inf,
+                            grand + float(dist.ppf(1 - a)) * se, n_s, n_g, share, method)
+    raise ValueError(f"alternative must be two-sided, greater or less, not {alternative!r}")
+
+
 #: exact unconditional p-values up to this many cases (asymptotic normal above)
 TANGO_EXACT_MAX_N = 400
 #: points of the nuisance grid of the exact unconditional p-value
@@ -339,6 +425,17 @@ def mde(null_sd: float, n_clusters: int, alpha: float = 0.05, power: float = POW
     a = alpha / 2 if alternative == "two-sided" else alpha
     dist = stats.norm if n_clusters >= 200 else stats.t(n_clusters - 1)
     return float((dist.ppf(1 - a) + dist.ppf(power)) * null_sd)
+
+
+def mde_t(se: float, df: float, alpha: float = 0.05, power: float = POWER,
+          alternative: str = "two-sided") -> float:
+    """Minimum detectable effect of a t test with standard error ``se`` on ``df`` degrees
+    of freedom: (t_{df, 1-alpha/2} + t_{df, power}) * se; inf without a finite se."""
+    if not (np.isfinite(se) and np.isfinite(df) and df > 0):
+        return math.inf
+    a = alpha / 2 if alternative == "two-sided" else alpha
+    dist = stats.t(df)
+    return float((dist.ppf(1 - a) + dist.ppf(power)) * se)
 
 
 def mde_correlation(n: int, alpha: float = 0.05, power: float = POWER) -> float:

@@ -47,7 +47,8 @@ def best_arm(runs: Runs, arms: list[str], col: str, means: Mapping[str, float],
         except NotTestable:
             return None
         x, y = pr.frame["x"].to_numpy(float), pr.frame["y"].to_numpy(float)
-        res = location_test(x - y, pr.units, seed=seed, alternative="greater")
+        res = location_test(x - y, pr.units, seed=seed, alternative="greater",
+                            cells=pr.cells())
         if not np.isfinite(res.p):
             return None
         p_values.append(res.p)

@@ -172,6 +172,23 @@ def _arm_summary(label: str, rows: pd.DataFrame, full: bool = True) -> dict[str,
     return out
 
 
+def _joined_with_seeds(ci: inf.ClusterCI, rows: pd.DataFrame, values: np.ndarray,
+                       groups: np.ndarray) -> inf.ClusterCI:
+    """With two or more seeds, the union of ``ci`` and the two-way seed x unit interval
+    (:func:`reports.inference.seed_batch_t_test`): a run's cases share its final model, so
+    its seed moves them together."""
+    if "seed" not in rows.columns or rows["seed"].nunique() < 2:
+        return ci
+    table = pd.DataFrame({"seed": rows["seed"].to_numpy(), "unit": groups, "v": values})
+    cells = table.groupby(["seed", "unit"])["v"].mean().unstack("unit").to_numpy(float)
+    tw = inf.seed_batch_t_test(cells)
+    if not np.isfinite(tw.p):
+        return ci
+    return inf.ClusterCI(ci.value, float(np.nanmin([ci.lo, tw.lo])),
+                         float(np.nanmax([ci.hi, tw.hi])), ci.n, ci.n_clusters, ci.se,
+                         f"{ci.method}, joined with the {tw.method}")
+
+
 def _ci_cells(rows: pd.DataFrame, spec: Sequence[tuple[str, str]], groups: np.ndarray,
               n_resamples: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     raw, disp = {}, {}
@@ -181,6 +198,7 @@ def _ci_cells(rows: pd.DataFrame, spec: Sequence[tuple[str, str]], groups: np.nd
         else:
             values = rows[col].to_numpy(float) * scale_of(col)
         ci = inf.wild_cluster_ci(values, groups, n_draws=n_resamples, seed=seed)
+        ci = _joined_with_seeds(ci, rows, values, groups)
         lo = max(ci.lo, 0.0) if scale_of(col) == 100.0 and np.isfinite(ci.lo) else ci.lo
         raw.update({label: ci.value, f"{label}_lo": lo, f"{label}_hi": ci.hi})
         disp[label] = fmt_ci(ci.value, lo, ci.hi, _digits(col))
@@ -408,7 +426,8 @@ def pairwise_rows(runs: Runs, baseline: str, n_resamples: int = 1000,
                     out.append({**base, "note": f"not testable: {exc}"})
                     continue
                 x, y = pr.frame["x"].to_numpy(float), pr.frame["y"].to_numpy(float)
-                res = location_test(x - y, pr.units, seed=seed, binary_pairs=(x, y))
+                res = location_test(x - y, pr.units, seed=seed, binary_pairs=(x, y),
+                                    cells=pr.cells())
                 k = scale_of(col)
                 out.append({**base, "n": res.n, "unit": pr.unit_name(), "test": res.test,
                             "mean_method": k * float(np.mean(x)),

@@ -71,8 +71,8 @@ def test_filters_and_unknown_method(tmp_path, shared_data, monkeypatch, capsys):
 
 
 def test_shipped_grids_load():
-    for name in ("default", "smollm2-100", "smollm2-sweep", "paper", "paper-smollm2",
-                 "paper-gemma3", "stream-smollm2"):
+    for name in ("default", "smollm2-100", "long-smollm2", "smollm2-sweep", "paper",
+                 "paper-smollm2", "paper-gemma3", "stream-smollm2"):
         configs = [c for g in load_grid(name) for c in g.configs()]
         assert configs, name
         assert len({c.default_run_id() for c in configs}) == len(configs), name

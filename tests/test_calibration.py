@@ -73,6 +73,10 @@ class Scenario:
     align_shift: float = 0.0
     cos_mean: float = 0.0
     trend: dict[str, float] = field(default_factory=dict)  # rho change per batch
+    #: arm x seed (run) random shift, in units of each outcome's per-case sd: every case of a
+    #: sequential run is scored on its one final model, so the run moves them together
+    run_sd: float = 0.0
+    seeds: tuple[int, ...] = SEEDS
 
 
 NULL_A = Scenario("null A", spe_shift=-0.01, flu_shift=-0.01, gain={"metake-rome": 0.25})
@@ -82,6 +86,12 @@ PLANTED = Scenario(
     gain={"metake": 1.0, "metake-memit": 0.5}, t1_coupled=True, t4_gain_slope=4.0,
     align_shift=0.05, cos_mean=0.2,
     trend={"alphaedit": -0.03, "memit": -0.03, "metake": -0.01})
+#: NULL_A with run effects (each arm's seed-s run shifted as a whole, 0.4 per-case sd: about
+#: 4 standard errors of a 100-case mean), three seeds as in the smollm2-100 grid
+NULL_C = Scenario("null C (run effects)", spe_shift=-0.01, flu_shift=-0.01,
+                  gain={"metake-rome": 0.25}, run_sd=0.4, seeds=(0, 1, 2))
+#: the sub-tests a run effect reaches (paired location tests across runs of two arms)
+RUN_LEVEL_TESTS = ("T2", "T5", "T6", "T7")
 #: sub-tests whose null holds in each null scenario (by test-name prefix)
 NULL_B_TESTS = ("concordance", "rho: metake vs", "z_error: metake vs")
 
@@ -94,20 +104,21 @@ def simulate(sc: Scenario, rng: np.random.Generator,
     case_rho = rng.normal(0, 0.12, N_CASES)  # case effects shared by arms and seeds
     case_y = rng.normal(0, 1.0, N_CASES)
     case_spe = rng.uniform(0.6, 0.95, N_CASES)
-    spe_shared = {s: rng.binomial(10, case_spe) / 10.0 for s in SEEDS}
+    spe_shared = {s: rng.binomial(10, case_spe) / 10.0 for s in sc.seeds}
     case_flu = rng.normal(6.0, 0.2, N_CASES)
     manifests, runs = [], []
-    for seed in SEEDS:
+    for seed in sc.seeds:
         base: dict[str, np.ndarray] = {}
         for arm in arms:
+            run = rng.normal(0, sc.run_sd) if sc.run_sd else 0.0
             solver = {"metake": "alphaedit", "metake-noproxy": "alphaedit",
                       "metake-memit": "memit", "metake-rome": "rome"}.get(arm, arm)
             is_meta = arm.startswith("metake")
             ub = rng.normal(0, sc.batch_sd, N_BATCHES)[batch]
-            rho_raw = (0.5 + case_rho + ub + rng.normal(0, 0.1, N_CASES)
+            rho_raw = (0.5 + case_rho + ub + 0.1 * run + rng.normal(0, 0.1, N_CASES)
                        + sc.rho_shift.get(arm, 0.0) + sc.trend.get(arm, 0.0) * batch)
             rho = np.clip(rho_raw, 0.0, 1.0)
-            yb = rng.normal(0, sc.batch_sd * 4, N_BATCHES)[batch]
+            yb = rng.normal(0, sc.batch_sd * 4, N_BATCHES)[batch] + 0.5 * run
             if not is_meta:
                 if sc.t1_coupled:  # rho predicts the outcome within batches
                     y = 3.0 * (rho - 0.5) + rng.normal(0, 0.5, N_CASES) + yb
@@ -133,9 +144,9 @@ def simulate(sc: Scenario, rng: np.random.Generator,
             if arm == "metake" and sc.spe_shift:
                 spe = spe + np.sign(sc.spe_shift) * 0.1 * rng.binomial(
                     1, abs(sc.spe_shift) * 10, N_CASES)
-            spe = np.clip(spe, 0.0, 1.0)
+            spe = np.clip(spe + 0.05 * run, 0.0, 1.0)
             flu = case_flu + (sc.flu_shift if arm == "metake" else 0.0) + rng.normal(
-                0, 0.005, N_CASES)
+                0, 0.005, N_CASES) + 0.005 * run
             align = np.clip(0.7 + rng.normal(0, 0.05, N_CASES), 0, 1)
             kernel = np.clip(0.3 + rng.normal(0, 0.05, N_CASES), 0, 1)
             rid = f"{arm}_s{seed}"
@@ -226,6 +237,20 @@ def test_false_support_at_most_008_under_the_null(null_a):
     assert len(null_a) == 19  # every sub-test of T1-T8
     bad = null_a[null_a > MAX_FALSE_SUPPORT]
     assert bad.empty, bad.to_dict()
+
+
+def test_run_effects_do_not_make_support(monkeypatch):
+    """NULL_C: every run of every arm is shifted as a whole (its seed's final model), no
+    true difference. The seed x batch two-way test keeps false support at most 0.08; the
+    seed-averaged batch test alone (cells withheld) is fooled, so the scenario bites."""
+    tests = [claims.TESTS[c] for c in RUN_LEVEL_TESTS]
+    r = rates(NULL_C, N_NULL, 40_000, tests)
+    print("\nfalse support, null C (run effects):\n", r.round(3).to_string())
+    assert (r <= MAX_FALSE_SUPPORT).all(), r.to_dict()
+    monkeypatch.setattr(claims.Paired, "cells", lambda self, *a, **k: None)
+    one_way = rates(NULL_C, 60, 40_000, [claims.t5_ablations, claims.t6_locality])
+    print("without the seed dimension:\n", one_way.round(3).to_string())
+    assert one_way.max() > 0.15, one_way.to_dict()
 
 
 def test_a_ceiling_does_not_make_t4(capsys):

@@ -73,6 +73,33 @@ def test_margin_tests_hold_their_level_at_the_margin(name):
     assert noninf / reps <= _upper(ALPHA, reps), (name, noninf / reps)
 
 
+def _runs_shifted(rng, mean, seeds=3, n=100, batch=10, run_sd=0.4):
+    """Paired differences per seed and case: each seed's run pair shifted as a whole
+    (``run_sd``, about 4 standard errors of a 100-case mean), batch effects, case noise;
+    returns the seed-averaged case differences, units and the (seeds, units) cell table."""
+    g = np.arange(n) // batch
+    d = (mean + rng.normal(0, run_sd, (seeds, 1)) + rng.normal(0, 0.1, g.max() + 1)[g]
+         + rng.normal(0, 1.0, (seeds, n)))
+    cells = np.stack([np.bincount(g, weights=row) / np.bincount(g) for row in d])
+    return d.mean(axis=0), g, cells
+
+
+def test_run_effects_across_seeds_keep_the_level():
+    """Three seeds whose runs move as a whole, at the boundary: with the seed x batch
+    cells the gate holds its level; the seed-averaged batch test alone does not."""
+    rng = np.random.default_rng(11)
+    reps, margin = 300, 0.25
+    joined = alone = 0
+    for r in range(reps):
+        d, units, cells = _runs_shifted(rng, -margin)
+        joined += margin_tests(d, units, margin, ALPHA, n_draws=199, seed=r,
+                               cells=cells).p_noninferior < ALPHA
+        alone += margin_tests(d, units, margin, ALPHA, n_draws=199,
+                              seed=r).p_noninferior < ALPHA
+    assert joined / reps <= _upper(ALPHA, reps), joined / reps
+    assert alone / reps > 0.15, alone / reps
+
+
 def test_margin_tests_detect_a_real_regression():
     rng = np.random.default_rng(3)
     hits = 0

@@ -242,3 +242,55 @@ def test_matched_pairs_pair_neighbours_within_strata():
     signs, prods = inf.matched_pair_products(strata, match, x, y)
     # pairs: (case 0, case 2), (case 1, case 3), (case 4, case 5): x and y always discordant
     assert list(signs) == [-1.0, -1.0, -1.0] and np.all(prods < 0)
+
+
+def test_seed_batch_t_without_seed_variation_is_the_t_test_of_unit_means():
+    """Identical seed rows: no seed component, so the two-way test is the one-sample t test
+    of the unit means on G - 1 df (scipy)."""
+    rng = np.random.default_rng(0)
+    row = rng.normal(0.3, 1.0, 12)
+    res = inf.seed_batch_t_test(np.vstack([row, row, row]))
+    ref = sps.ttest_1samp(row, 0.0)
+    assert np.isclose(res.df, 11) and res.seed_share < 1e-12
+    assert np.isclose(res.p, ref.pvalue) and np.isclose(res.mean, row.mean())
+    lo, hi = ref.confidence_interval(0.95)
+    assert np.isclose(res.lo, lo) and np.isclose(res.hi, hi)
+
+
+def test_seed_batch_t_variance_is_the_anova_random_effects_form():
+    """Var(grand mean) = (MS_seed + MS_unit - MS_e) / (S G) when the seeds add variance,
+    and the seed effect dominates the df (towards S - 1) when it is large."""
+    rng = np.random.default_rng(1)
+    d = rng.normal(0, 2.0, (3, 1)) + rng.normal(0, 0.2, (1, 20)) + rng.normal(0, 0.2, (3, 20))
+    s, g = d.shape
+    m, r, c = d.mean(), d.mean(axis=1), d.mean(axis=0)
+    ms_s = g * np.sum((r - m) ** 2) / (s - 1)
+    ms_g = s * np.sum((c - m) ** 2) / (g - 1)
+    ms_e = np.sum((d - r[:, None] - c[None, :] + m) ** 2) / ((s - 1) * (g - 1))
+    res = inf.seed_batch_t_test(d)
+    assert np.isclose(res.se ** 2, (ms_s + ms_g - ms_e) / (s * g))
+    assert 2.0 <= res.df < 2.5 and res.seed_share > 0.9
+    # one-sided bounds agree with the two-sided interval's construction
+    up = inf.seed_batch_t_test(d, alternative="less")
+    lo = inf.seed_batch_t_test(d, alternative="greater")
+    assert np.isclose(up.p + lo.p, 1.0) and lo.hi == np.inf and up.lo == -np.inf
+
+
+def test_seed_batch_t_holds_its_level_with_whole_seed_shifts():
+    """3 seeds x 10 units, seed shifts as large as the cell noise: rejection of a true null at
+    most 0.08 at alpha 0.05 (the seed-averaged t test of unit means: about 0.27)."""
+    rng = np.random.default_rng(2)
+    reps, two_way, one_way = 2000, 0, 0
+    for _ in range(reps):
+        d = rng.normal(0, 0.3, (3, 1)) + rng.normal(0, 0.3, (1, 10)) + rng.normal(0, 0.3,
+                                                                                 (3, 10))
+        two_way += inf.seed_batch_t_test(d).p < 0.05
+        one_way += sps.ttest_1samp(d.mean(axis=0), 0.0).pvalue < 0.05
+    assert two_way / reps <= 0.08 and one_way / reps > 0.15, (two_way / reps, one_way / reps)
+
+
+def test_seed_batch_t_needs_two_seeds_and_three_units():
+    assert np.isnan(inf.seed_batch_t_test(np.ones((1, 5))).p)
+    assert np.isnan(inf.seed_batch_t_test(np.ones((3, 2))).p)
+    d = np.array([[1.0, 2.0, np.nan, 4.0], [1.5, 2.5, 3.0, 4.5]])
+    assert inf.seed_batch_t_test(d).n_units == 3  # the unit with a missing cell is dropped

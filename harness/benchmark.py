@@ -241,11 +241,11 @@ def warm_caches(configs: list[RunConfig]) -> None:
     and the unedited model's downstream scores. The runs then load them; numbers do not
     change."""
     from harness.models import cache_dir, load_model
+    from harness.paths import data_dir
     from methods import get_method
     from methods.base import load_hparams
     from methods.locate import LocateHparams, layer_statistics, projectors
     from suites import downstream
-    from suites.data import data_dir
 
     by_model: dict[tuple[str, str, str, int], list[Any]] = {}
     evals: dict[tuple[str, str, str, int], set[tuple[Any, ...]]] = {}

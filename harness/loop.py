@@ -21,10 +21,10 @@ from harness.config import RunConfig
 from harness.errors import UserError
 from harness.formatting import format_checkpoint
 from harness.models import LoadedModel, cache_dir
+from harness.paths import data_dir
 from harness.prepare import Prepared, wants_curve
 from methods.base import EditRequest
 from suites import downstream
-from suites.data import data_dir
 
 CURVE = rec_io.CURVE
 #: size of the fixed probe set of earlier edits re-evaluated at each sequential checkpoint

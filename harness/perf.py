@@ -117,7 +117,7 @@ def measure(model: str, device: str, dtype: str, methods: list[str], n_cases: in
     ph["evaluate"] = {"cases_per_s": len(cases) / t_eval, "tok_s": n_tok / t_eval,
                       "fraction_of_limit": n_tok / t_eval / limit}
     try:
-        from suites.data import data_dir
+        from harness.paths import data_dir
         from suites.downstream import evaluate_downstream  # needs lm-eval
 
         _, t_ds = _timed(lm, lambda: evaluate_downstream(lm, ["sst2"], data_dir(), limit=64))

@@ -13,10 +13,11 @@ from harness import validation
 from harness.config import RunConfig
 from harness.errors import UserError
 from harness.models import LoadedModel, context_length, peek_config, resolve_device
+from harness.paths import data_dir
 from methods import get_method
 from methods.base import EditRequest, load_hparams
 from suites import downstream, get_suite, load_kwargs
-from suites.data import data_dir, find_data_file
+from suites.data import find_data_file
 
 
 @dataclass

@@ -55,7 +55,7 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +68,7 @@ from harness.cachefiles import atomic_write_with, key_lock, tensors_sha256
 from harness.errors import UserError
 from harness.models import LoadedModel, cache_dir, sha256_file
 from harness.nethook import on_inputs, stop_after
+from harness.paths import data_dir
 
 STATS_VERSION = "1"
 RECORDS_VERSION = "records-1"
@@ -117,8 +118,6 @@ class Corpus:
 
 def default_corpus_path() -> Path:
     """``$KEH_DATA_DIR/wikitext-2/valid.txt`` (data dir as for the suites: else ``./data``)."""
-    from suites.data import data_dir
-
     return data_dir() / DEFAULT_CORPUS
 
 
@@ -847,18 +846,17 @@ def stats_provenance(lm: LoadedModel, layers: Sequence[int], corpus: str | Path 
     return out
 
 
-def cached_projector(lm: LoadedModel, layer: int, C0: Tensor, key: str,
-                     threshold: float) -> Tensor:
+def cached_projector(lm: LoadedModel, layer: int, C0: Tensor, key: str, threshold: float,
+                     compute: Callable[[Tensor, float], Tensor]) -> Tensor:
     """AlphaEdit's null-space projector ``P = U0 U0^T`` (``(d_in, d_in)``, float32, on
     ``lm.device``) of ``C0``, cached on disk by (stats ``key``, ``threshold``).
 
-    ``U0`` are the eigenvectors of ``C0`` with eigenvalue below ``threshold``
-    (:func:`methods.solvers.nullspace_projector`). ``key`` must be the stats key of ``C0``
+    ``compute(C0, threshold)`` makes it on a cache miss (the method layer passes
+    :func:`methods.solvers.nullspace_projector`: ``U0`` are the eigenvectors of ``C0`` with
+    eigenvalue below ``threshold``). ``key`` must be the stats key of ``C0``
     (``StatsResult.keys[layer]``); the eigendecomposition of a large ``C0`` (e.g. 14336^2) is
     the expensive part this cache saves.
     """
-    from methods.solvers import nullspace_projector
-
     pkey = hashlib.sha256(json.dumps({"stats_key": key, "threshold": float(threshold),
                                       "kind": "nullspace"}, sort_keys=True).encode()).hexdigest()
     path = stats_dir() / f"projector-{pkey}.safetensors"
@@ -867,7 +865,7 @@ def cached_projector(lm: LoadedModel, layer: int, C0: Tensor, key: str,
         got = _load(path, "P", lm.device)
         if got is not None and tuple(got[0].shape) == (d_in, d_in):
             return got[0]
-        P = nullspace_projector(C0, threshold).to(torch.float32)
+        P = compute(C0, threshold).to(torch.float32)
         _save_atomic(path, {"P": P}, {
             "stats_key": key, "threshold": repr(float(threshold)), "layer": str(layer),
             "model_sha256": lm.sha256, "module": lm.spec.rewrite(layer),

@@ -29,7 +29,7 @@ from methods.keys import (
     original_context_templates,
     parse_template_texts,
 )
-from methods.solvers import spread_residual
+from methods.solvers import nullspace_projector, spread_residual
 from methods.targets import TargetHparams
 
 
@@ -156,7 +156,8 @@ def projectors(lm: LoadedModel, hp: LocateHparams, layers: Sequence[int]
     for layer in layers:
         k = (keys[layer], hp.nullspace_threshold)
         if k not in memo:
-            memo[k] = cached_projector(lm, layer, C0[layer], keys[layer], hp.nullspace_threshold)
+            memo[k] = cached_projector(lm, layer, C0[layer], keys[layer],
+                                       hp.nullspace_threshold, nullspace_projector)
         out[layer] = memo[k]
     return out
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from harness.errors import DataError, UserError
+from harness.paths import data_dir
 
-
-def data_dir(explicit: str | Path | None = None) -> Path:
-    """The data directory: ``explicit``, else ``$KEH_DATA_DIR``, else ``./data``."""
-    return Path(explicit or os.environ.get("KEH_DATA_DIR") or "data").expanduser()
+__all__ = ["data_dir", "find_data_file"]
 
 
 def find_data_file(suite: str, candidates: list[str], canonical_url: str,

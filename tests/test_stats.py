@@ -215,24 +215,23 @@ def test_default_corpus_from_data_dir(tiny_lm, shared_data, tmp_path, monkeypatc
     assert res.meta[0]["n_tokens"] == "300"
 
 
-def test_cached_projector(tiny_lm, corpus, monkeypatch):
-    import methods.solvers as solvers
+def test_cached_projector(tiny_lm, corpus):
+    from methods.solvers import nullspace_projector
 
     res = stats.second_moment_stats(tiny_lm, [1], corpus, n_tokens=N_TOKENS, seq_len=SEQ_LEN,
                                     show_progress=False)
     C0, key = res.C0[1], res.keys[1]
     threshold = float(torch.linalg.eigvalsh(C0.double()).median())
-    P = stats.cached_projector(tiny_lm, 1, C0, key, threshold)
-    torch.testing.assert_close(P, solvers.nullspace_projector(C0, threshold).float())
+    P = stats.cached_projector(tiny_lm, 1, C0, key, threshold, nullspace_projector)
+    torch.testing.assert_close(P, nullspace_projector(C0, threshold).float())
     assert P.shape == (128, 128) and P.dtype == torch.float32
 
     def boom(*_a, **_k):
         raise AssertionError("projector recomputed despite the cache")
 
-    monkeypatch.setattr(solvers, "nullspace_projector", boom)
-    torch.testing.assert_close(stats.cached_projector(tiny_lm, 1, C0, key, threshold), P)
+    torch.testing.assert_close(stats.cached_projector(tiny_lm, 1, C0, key, threshold, boom), P)
     with pytest.raises(AssertionError, match="recomputed"):  # another threshold: new entry
-        stats.cached_projector(tiny_lm, 1, C0, key, threshold * 2)
+        stats.cached_projector(tiny_lm, 1, C0, key, threshold * 2, boom)
 
 
 def test_benchmark_stats_smoke(tiny_lm, corpus):

@@ -297,7 +297,9 @@ def _run_jobs(argv: list[str], jobs: int) -> None:
             base.append(a)
     env = {**os.environ, "KEH_CONCURRENT_JOBS": str(jobs)}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    procs = [subprocess.Popen([sys.executable, "-m", "harness.benchmark", *base, "--no-report",
+    if "--no-report" not in base:
+        base.append("--no-report")
+    procs = [subprocess.Popen([sys.executable, "-m", "harness.benchmark", *base,
                                "--shard", f"{i}/{jobs}"], env=env) for i in range(jobs)]
     codes = [p.wait() for p in procs]
     if any(codes):

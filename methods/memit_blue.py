@@ -24,7 +24,7 @@ prefix ``layer<l>_``.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +36,13 @@ from methods.base import EditOutcome, EditRequest
 from methods.keys import averaged_keys
 from methods.locate import prepare as prepare  # runner hook
 from methods.solvers import NumericalError
-from methods.targets import compute_targets
+from methods.targets import TargetProblem, compute_targets
 
 NAME = "memit-blue"
+
+#: refine(layer, Z0, V, problem, templates) -> (V*, per-edit info), see :func:`edit_blue`
+Refine = Callable[[int, torch.Tensor, torch.Tensor, TargetProblem, Sequence[str]],
+                  tuple[torch.Tensor, list[dict[str, Any]]]]
 
 
 @dataclass
@@ -53,9 +57,13 @@ def residual_plan(layers: Sequence[int]) -> list[tuple[int, int, float]]:
 
 
 def edit_blue(lm: LoadedModel, requests: Sequence[EditRequest], hp: locate.LocateHparams,
-              solver: locate.Solver
+              solver: locate.Solver, refine: Refine | None = None,
               ) -> tuple[list[dict[str, Any]], locate.WriteResult, dict[str, float]]:
-    """Targets and writes layer by layer (:func:`residual_plan`), then the diagnostics."""
+    """Targets and writes layer by layer (:func:`residual_plan`), then the diagnostics.
+
+    ``refine(layer, Z0, V, problem, templates) -> (V*, per-edit info)`` (MetaKE over BLUE)
+    replaces each boundary layer's open-loop target V_l (d_model, n) before its write; Z0 are
+    the states at that layer on the current model, ``problem`` the target step's."""
     locate.check_layers(lm, hp.layers)
     timings = {"stats_s": 0.0, "target_s": 0.0, "write_s": 0.0}
     t0 = time.perf_counter()
@@ -72,8 +80,13 @@ def edit_blue(lm: LoadedModel, requests: Sequence[EditRequest], hp: locate.Locat
     info: list[dict[str, Any]] = []
     for i, (layer, target_layer, share) in enumerate(residual_plan(hp.layers)):
         t0 = time.perf_counter()
-        _, V, info, _ = compute_targets(lm, requests, target_layer, hp, templates)
+        Z0, V, info, problem = compute_targets(lm, requests, target_layer, hp, templates)
         timings["target_s"] += time.perf_counter() - t0
+        if refine is not None:
+            t0 = time.perf_counter()
+            V, more = refine(target_layer, Z0, V, problem, templates)
+            info = [{**a, **b} for a, b in zip(info, more, strict=True)]
+            timings["refine_s"] = timings.get("refine_s", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         plain: dict[int, torch.Tensor] = {}
         K, Z = averaged_keys(lm, requests, templates, [layer], [target_layer],

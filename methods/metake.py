@@ -21,6 +21,16 @@ tokens before each subject's last token are read from the unedited model's cache
 virtual write reaches the subject site and everything after it (where the edit acts), not
 the context prefix.
 
+``write_plan: blue`` puts the upper level over BLUE's lower level (:mod:`methods.memit_blue`,
+arms ``metake-blue`` over AlphaEdit-BLUE and ``metake-<solver>-blue``): every boundary layer l
+gets its own target V_l at its own output, refined through the proxy at l (there the virtual
+single-layer write is BLUE's real write, Delta_l = (V_l - Z_l) A_l), then written before the
+next layer's target step.
+The proxy does not apply where the lower level is not linear in the target: PRUNE (the
+singular values of the accumulated edit are restrained by a log map), RECT (only the top-k%
+relative changes of each weight are kept: a data-dependent mask) and FT-L (gradient steps).
+r-ROME is ROME's closed form with a different key (``solver: rome`` covers that solve).
+
 ``proxy: false`` is the ablation S := I (``metake-noproxy``): the same outer steps with the
 target added at the subject site as in the open-loop step, i.e. without the solver in the
 loop.
@@ -40,13 +50,15 @@ from harness.models import LoadedModel
 from methods import alignment, alphaedit, emmet, memit, rome
 from methods.base import EditOutcome, EditRequest
 from methods.keys import averaged_keys, value_module
-from methods.locate import Solver, edit_batch, layer_statistics
+from methods.locate import Solver, edit_batch, layer_statistics, projectors
 from methods.locate import prepare as prepare  # runner hook
+from methods.memit_blue import edit_blue
 from methods.solvers import alphaedit_A, emmet_A, memit_A, rome_A
 from methods.targets import TargetProblem, add_at_sites
 
 NAME = "metake"
 SOLVERS = ("alphaedit", "memit", "rome", "emmet")
+WRITE_PLANS = ("spread", "blue")
 
 
 @dataclass
@@ -57,7 +69,9 @@ class Hparams(alphaedit.Hparams):
     rome | emmet); ``mom2_update_weight`` is MEMIT's lambda (and EMMET's lambda_m) when
     solver is memit (emmet), ``emmet_lambda`` / ``update_norm_lambda`` EMMET's mu_e / mu_u
     (:mod:`methods.emmet`). ``proxy_layer``: layer carrying the proxy (None: the last edited
-    layer)."""
+    layer). ``write_plan``: ``spread`` (the solver's own: one target at the last layer, the
+    residual spread over ``layers``) or ``blue`` (BLUE's: each listed layer its own target,
+    refined through the proxy at that layer; module notes)."""
 
     solver: str = "alphaedit"
     mom2_update_weight: float = 15000.0
@@ -70,6 +84,7 @@ class Hparams(alphaedit.Hparams):
     outer_clamp_factor: float = 3.0
     proxy: bool = True
     proxy_layer: int | None = None
+    write_plan: str = "spread"
 
     def validate(self) -> None:
         super().validate()
@@ -78,6 +93,12 @@ class Hparams(alphaedit.Hparams):
                             f"got {self.solver!r}")
         if self.solver == "rome" and len(self.layers) != 1:
             raise UserError("metake hparams: solver rome needs exactly one layer")
+        if self.write_plan not in WRITE_PLANS:
+            raise UserError(f"metake hparams: write_plan must be one of {WRITE_PLANS}, "
+                            f"got {self.write_plan!r}")
+        if self.write_plan == "blue" and (self.solver == "rome" or self.proxy_layer is not None):
+            raise UserError("metake hparams: write_plan blue needs solver alphaedit, memit or "
+                            "emmet and no proxy_layer (the proxy sits at each boundary layer)")
         if self.outer_steps < 0 or self.outer_lr <= 0 or self.gamma < 0 or self.beta < 0:
             raise UserError("metake hparams: outer_steps/gamma/beta >= 0, outer_lr > 0")
         if self.proxy_layer is not None and self.proxy_layer not in self.layers:
@@ -132,13 +153,17 @@ def predicted_realisation(R: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
 
 def refine(lm: LoadedModel, requests: Sequence[EditRequest], hp: Hparams, Z0: torch.Tensor,
            V0: torch.Tensor, problem: TargetProblem, templates: Sequence[str],
-           P: dict[int, Any], state: dict[str, Any]
+           P: dict[int, Any], state: dict[str, Any], at: int | None = None
            ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """The upper level: V* from V0 by ``outer_steps`` Adam steps through the proxy.
 
-    Z0, V0: (d_model, n). Returns V* (d_model, n) and per-edit diagnostics.
+    Z0, V0: (d_model, n), at the output of the last edited layer, or of layer ``at`` when
+    given (BLUE's plan: the target of boundary layer ``at``, whose write the proxy then is).
+    Returns V* (d_model, n) and per-edit diagnostics.
     """
-    layer = hp.proxy_layer if hp.proxy_layer is not None else hp.layers[-1]
+    target_layer = hp.layers[-1] if at is None else at
+    layer = at if at is not None else (hp.proxy_layer if hp.proxy_layer is not None
+                                       else hp.layers[-1])
     if problem.start is not None and problem.start["layer"] > layer:
         problem.skip_lower_layers(layer)  # the proxy's hook must run: start at or below it
     K, _ = averaged_keys(lm, requests, templates, [layer], averaging=hp.key_averaging)
@@ -149,7 +174,7 @@ def refine(lm: LoadedModel, requests: Sequence[EditRequest], hp: Hparams, Z0: to
     V = V0.clone().requires_grad_(True)
     opt = torch.optim.Adam([V], lr=hp.outer_lr)
     A32 = A.float()
-    last_layer_name = value_module(lm, hp.layers[-1], hp.value_site)
+    last_layer_name = value_module(lm, target_layer, hp.value_site)
     grad0 = torch.zeros_like(V0)
     nll_first = nll_last = torch.full((len(requests),), float("nan"))
 
@@ -211,6 +236,18 @@ def edit_with(lm: LoadedModel, requests: list[EditRequest], hp: Hparams,
               state: dict[str, Any], refine_fn: Any) -> EditOutcome:
     """Target step -> ``refine_fn`` -> write with the configured solver (ROME: one at a
     time); AlphaEdit's accumulated keys are carried in the state."""
+    if hp.write_plan == "blue":
+        P = projectors(lm, hp, hp.layers)
+
+        def refine_at(layer: int, Z0: torch.Tensor, V: torch.Tensor, problem: TargetProblem,
+                      templates: Sequence[str]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+            return refine_fn(lm, requests, hp, Z0, V, problem, templates, P, state, at=layer)
+
+        diags, written, timings = edit_blue(lm, requests, hp, _solver(lm, hp, state),
+                                            refine_at)
+        if hp.solver == "alphaedit":
+            state = alphaedit.accumulate(state, written.keys)
+        return EditOutcome(diagnostics=diags, state=state, timings=timings)
     groups = [[r] for r in requests] if hp.solver == "rome" else [requests]
     diags: list[dict[str, Any]] = []
     timings: dict[str, float] = {}

@@ -21,7 +21,9 @@ different arms: the report compares them only within a preset.
 
 The *arm* names what is compared: the method name, except that a ``metake`` run whose hparams
 choose a lower-level ``solver`` other than AlphaEdit becomes ``metake-<solver>`` (the same name
-a dedicated method would carry), so that T7 of ``docs/METAKE.md`` finds its runs either way.
+a dedicated method would carry), so that T7 of ``docs/METAKE.md`` finds its runs either way;
+a MetaKE run (or ablation) with BLUE's ``write_plan: blue`` gets the suffix ``-blue``
+(``metake-blue`` over AlphaEdit-BLUE, ``metake-memit-blue`` over MEMIT-BLUE).
 
 :func:`check_comparable` is the guard in front of every paired comparison: runs compared case by
 case must share suite, data file hash, case ids in the same order, batching and model weights.
@@ -128,11 +130,14 @@ def solver_of(m: Mapping[str, Any]) -> str | None:
 
 def arm_of(m: Mapping[str, Any]) -> str:
     """The compared unit: the method name; ``metake`` with a non-AlphaEdit ``solver`` hparam
-    becomes ``metake-<solver>``."""
+    becomes ``metake-<solver>``, and a MetaKE arm with ``write_plan: blue`` ends in ``-blue``."""
     method, solver = method_of(m), solver_of(m)
+    arm = method
     if method == "metake" and solver not in (None, "alphaedit"):
-        return f"metake-{solver}"
-    return method
+        arm = f"metake-{solver}"
+    if method.startswith("metake") and (m.get("hparams") or {}).get("write_plan") == "blue":
+        arm += "-blue"
+    return arm
 
 
 def preset_of(m: Mapping[str, Any]) -> str:

@@ -122,3 +122,59 @@ def test_metake_over_emmet_learns_targets_through_emmets_solver(tiny_lm, corpus,
     for d in out.diagnostics:
         assert d["proxy_nll_final"] < d["proxy_nll_open_loop"]
         assert np.isfinite(d["rho"])
+
+
+@pytest.mark.parametrize("name", ["metake", "metake-noproxy"])
+def test_metake_over_blue_refines_each_boundary_layers_own_target(tiny_lm, corpus,
+                                                                   shared_data, restore, name,
+                                                                   monkeypatch):
+    """write_plan blue: every boundary layer's target is refined at that layer (the proxy's
+    virtual write sits there; its own proxy diagnostics, the first layer's under the prefix
+    ``layer1_``), written before the next layer's target step, and AlphaEdit's keys of both
+    layers are carried to the next batch."""
+    from methods import metake
+    from suites.counterfact import load
+
+    proxy_layers = []
+    real_virtual_write = metake.virtual_write
+
+    def spy(lm, layer, delta):
+        proxy_layers.append(layer)
+        return real_virtual_write(lm, layer, delta)
+
+    monkeypatch.setattr(metake, "virtual_write", spy)
+
+    reqs = load(shared_data / "counterfact" / "counterfact-edit.json")[:2]
+    mod = get_method(name)
+    hp = hparams_from_dict(mod.Hparams, {**SMALL, "layers": [1, 3], "stats_corpus": corpus,
+                                         "write_plan": "blue", "outer_steps": 4,
+                                         "outer_clamp_factor": 200.0, "gamma": 0.0,
+                                         "outer_lr": 1.0})
+    out = mod.edit(tiny_lm, reqs, hp, {})
+    assert set(out.state) == {"prev_cov.1", "prev_cov.3"}
+    assert out.timings["refine_s"] > 0
+    assert sorted(set(proxy_layers)) == ([1, 3] if name == "metake" else [])
+    for d in out.diagnostics:
+        for prefix in ("layer1_", ""):
+            assert np.isfinite(d[f"{prefix}proxy_nll_open_loop"])
+            if name == "metake":
+                assert d[f"{prefix}proxy_nll_final"] < d[f"{prefix}proxy_nll_open_loop"]
+                assert f"{prefix}alignment" in d
+        assert np.isfinite(d["rho"])
+
+
+def test_blue_write_plan_is_validated_and_names_its_arm():
+    from harness.errors import UserError
+    from methods import metake
+    from reports.load import arm_of
+
+    with pytest.raises(UserError, match="write_plan must be one of"):
+        hparams_from_dict(metake.Hparams, {"write_plan": "boundary"})
+    with pytest.raises(UserError, match="write_plan blue needs"):
+        hparams_from_dict(metake.Hparams, {"write_plan": "blue", "solver": "rome",
+                                           "layers": [5]})
+    manifest = {"method": "metake", "hparams": {"solver": "memit", "write_plan": "blue"}}
+    assert arm_of(manifest) == "metake-memit-blue"
+    assert arm_of({"method": "metake", "hparams": {"write_plan": "blue"}}) == "metake-blue"
+    assert arm_of({"method": "metake-noproxy", "hparams": {"write_plan": "spread"}}) == \
+        "metake-noproxy"

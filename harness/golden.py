@@ -52,6 +52,16 @@ OVERRIDES: dict[str, Any] = {"stats_records": STATS_RECORDS, "v_num_grad_steps":
 #: thread count) move them; measured between 1 and 2 threads: up to 3.6e-4 (FT's efficacy
 #: margin after 4 Adam steps on the weights), below 1e-4 for the closed-form methods
 RTOL, ATOL = 2e-3, 2e-3
+#: wider (rtol, atol) per method, where other CPU kernels move the numbers further: r-ROME's
+#: sequential single edits through a 2-article C0 moved zsRE log-probabilities by up to 6.9e-3
+#: (2.1e-3 relative) between the AVX2 machine that wrote them and an AVX-512 one (1 or 2
+#: threads alike; the other 15 methods stayed within 2e-3 there)
+METHOD_TOLERANCE: dict[str, tuple[float, float]] = {"r-rome": (1e-2, 1e-2)}
+
+
+def tolerance(method: str) -> tuple[float, float]:
+    """(rtol, atol) of ``method``'s golden numbers."""
+    return METHOD_TOLERANCE.get(method, (RTOL, ATOL))
 #: the numbers kept per case (diagnostics under their own name when the method reports them)
 FIELDS = ("efficacy_margin", "lp_rewrite_new", "lp_rewrite_true", "lp_paraphrase_new",
           "lp_paraphrase_true", "lp_neighborhood_new", "lp_neighborhood_true", "rho",
@@ -142,8 +152,10 @@ def generate(methods: Iterable[str] | None = None, log: Any = print) -> dict[str
 
 
 def differences(expected: Mapping[str, Any], got: Mapping[str, Any], method: str,
-                suite: str, rtol: float = RTOL, atol: float = ATOL) -> list[str]:
-    """Every number of one cell that moved: ``method / suite / case <id>: field a -> b``."""
+                suite: str) -> list[str]:
+    """Every number of one cell that moved beyond :func:`tolerance`: ``method / suite / case
+    <id>: field a -> b``."""
+    rtol, atol = tolerance(method)
     out = []
     for case in sorted(set(expected) | set(got), key=lambda c: (len(c), c)):
         if case not in got or case not in expected:

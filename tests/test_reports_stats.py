@@ -294,3 +294,11 @@ def test_seed_batch_t_needs_two_seeds_and_three_units():
     assert np.isnan(inf.seed_batch_t_test(np.ones((3, 2))).p)
     d = np.array([[1.0, 2.0, np.nan, 4.0], [1.5, 2.5, 3.0, 4.5]])
     assert inf.seed_batch_t_test(d).n_units == 3  # the unit with a missing cell is dropped
+
+
+def test_tost_power_says_when_no_true_gain_is_enough():
+    from reports.claims import _tost_power
+
+    assert "cannot be shown with 80% power" in _tost_power(0.25, 2.03)
+    assert "cannot be shown" in _tost_power(0.25, float("inf"))
+    assert _tost_power(0.25, 0.1).endswith("|true gain| <= 0.15")

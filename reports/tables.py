@@ -74,6 +74,19 @@ def scale_of(column: str) -> float:
     return 1.0 if column in UNSCALED or column.startswith("diag_") else 100.0
 
 
+#: columns that are proportions (displayed x100, so within [0, 100])
+RATE_SUFFIXES = ("_success", "_accuracy", "_em", "_f1")
+
+
+def clip_to_range(column: str, lo: float, hi: float) -> tuple[float, float]:
+    """An interval cut to the column's range: [0, 100] for rates (a t interval can leave it),
+    unchanged for magnitudes, margins, fluency and diagnostics (they can be negative)."""
+    if column.endswith(RATE_SUFFIXES):
+        return (max(lo, 0.0) if np.isfinite(lo) else lo,
+                min(hi, 100.0) if np.isfinite(hi) else hi)
+    return lo, hi
+
+
 def columns_for(suite: str, frame: pd.DataFrame) -> list[tuple[str, str]]:
     """The main table's (label, column) pairs present in ``frame`` (unknown suites: every
     ``*_success``/``*_accuracy`` column); ``Consis`` appears with ``Flu`` even when missing."""
@@ -199,9 +212,9 @@ def _ci_cells(rows: pd.DataFrame, spec: Sequence[tuple[str, str]], groups: np.nd
             values = rows[col].to_numpy(float) * scale_of(col)
         ci = inf.wild_cluster_ci(values, groups, n_draws=n_resamples, seed=seed)
         ci = _joined_with_seeds(ci, rows, values, groups)
-        lo = max(ci.lo, 0.0) if scale_of(col) == 100.0 and np.isfinite(ci.lo) else ci.lo
-        raw.update({label: ci.value, f"{label}_lo": lo, f"{label}_hi": ci.hi})
-        disp[label] = fmt_ci(ci.value, lo, ci.hi, _digits(col))
+        lo, hi = clip_to_range(col, ci.lo, ci.hi)
+        raw.update({label: ci.value, f"{label}_lo": lo, f"{label}_hi": hi})
+        disp[label] = fmt_ci(ci.value, lo, hi, _digits(col))
     return raw, disp
 
 

@@ -302,3 +302,12 @@ def test_tost_power_says_when_no_true_gain_is_enough():
     assert "cannot be shown with 80% power" in _tost_power(0.25, 2.03)
     assert "cannot be shown" in _tost_power(0.25, float("inf"))
     assert _tost_power(0.25, 0.1).endswith("|true gain| <= 0.15")
+
+
+def test_intervals_are_cut_to_a_rates_range_only():
+    from reports.tables import clip_to_range
+
+    assert clip_to_range("efficacy_success", -3.0, 100.9) == (0.0, 100.0)
+    assert clip_to_range("gen_efficacy_f1", 5.0, 104.0) == (5.0, 100.0)
+    assert clip_to_range("neighborhood_plus_magnitude", -25.0, -12.0) == (-25.0, -12.0)
+    assert clip_to_range("ngram_entropy", 590.0, 612.0) == (590.0, 612.0)

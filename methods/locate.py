@@ -16,9 +16,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from harness.corpus import SAMPLING_MODES
 from harness.errors import UserError
 from harness.models import LoadedModel, resolve_dtype
-from harness.stats import SAMPLING_MODES, cached_projector, second_moment_stats
+from harness.stats import cached_projector, second_moment_stats
 from methods import alignment
 from methods.base import EditRequest
 from methods.keys import (

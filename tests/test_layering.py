@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ("harness.models", "harness.nethook", "harness.scoring", "harness.stats")
+BASE = ("harness.models", "harness.nethook", "harness.scoring", "harness.stats", "harness.corpus")
 UPPER = ("methods", "suites", "reports")
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import harness.corpus as hc
 import harness.stats as stats
 from harness.errors import UserError
 
@@ -46,7 +47,7 @@ def _direct_C0(lm, layer, tokens):
 def test_c0_matches_direct_computation(tiny_lm, corpus):
     C0 = stats.second_moments(tiny_lm, [1, 3], corpus, n_tokens=N_TOKENS, seq_len=SEQ_LEN,
                               batch_size=4, show_progress=False)
-    tokens = stats.corpus_chunks(tiny_lm, corpus, N_TOKENS, SEQ_LEN)
+    tokens = hc.corpus_chunks(tiny_lm, corpus, N_TOKENS, SEQ_LEN)
     assert tokens.n_tokens == N_TOKENS
     assert [c.numel() for c in tokens.chunks] == [64] * 15 + [40]
     for layer in (1, 3):
@@ -58,7 +59,7 @@ def test_c0_matches_direct_computation(tiny_lm, corpus):
 
 
 def test_early_stop_equals_full_forward(tiny_lm, corpus):
-    tokens = stats.corpus_chunks(tiny_lm, corpus, N_TOKENS, SEQ_LEN)
+    tokens = hc.corpus_chunks(tiny_lm, corpus, N_TOKENS, SEQ_LEN)
     early = stats.accumulate_second_moments(tiny_lm, [0, 2], tokens, batch_size=8,
                                             show_progress=False)
     full = stats.accumulate_second_moments(tiny_lm, [0, 2], tokens, batch_size=8,
@@ -111,7 +112,7 @@ def test_cache_hit_and_partial_reuse(tiny_lm, corpus, tmp_path, monkeypatch):
 
     more = stats.second_moment_stats(tiny_lm, [0, 1, 3], corpus, **kw)
     assert calls == [[1, 3], [0]] and more.computed == [0]
-    fresh = real(tiny_lm, [0], stats.corpus_chunks(tiny_lm, corpus, N_TOKENS, SEQ_LEN),
+    fresh = real(tiny_lm, [0], hc.corpus_chunks(tiny_lm, corpus, N_TOKENS, SEQ_LEN),
                  show_progress=False)
     torch.testing.assert_close(more.C0[0], fresh[0])
 
@@ -128,7 +129,7 @@ def test_cache_hit_and_partial_reuse(tiny_lm, corpus, tmp_path, monkeypatch):
         meta = f.metadata()
         assert set(f.keys()) == {"C0"}
     assert meta["n_tokens"] == str(N_TOKENS)
-    assert meta["corpus_sha256"] == stats.resolve_corpus(corpus).sha256
+    assert meta["corpus_sha256"] == hc.resolve_corpus(corpus).sha256
     assert meta["key"] == more.keys[1]
     assert stats.stats_provenance(tiny_lm, [1, 2], corpus, **{
         k: v for k, v in kw.items() if k != "show_progress"})["2"]["cached"] is False
@@ -168,7 +169,7 @@ def test_missing_corpus_errors(tiny_lm, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="holds no text"):
         stats.second_moments(tiny_lm, [0], empty, n_tokens=10, show_progress=False)
     with pytest.raises(UserError, match="expected 'hf:<name>"):
-        stats.resolve_corpus("hf:")
+        hc.resolve_corpus("hf:")
 
 
 def test_hf_corpus_offline_error(tiny_lm, tmp_path, monkeypatch):
@@ -180,7 +181,7 @@ def test_hf_corpus_offline_error(tiny_lm, tmp_path, monkeypatch):
 
 def test_short_corpus_warns_and_uses_all(tiny_lm, corpus):
     with pytest.warns(UserWarning, match="has only"):
-        tokens = stats.corpus_chunks(tiny_lm, corpus, 10**7, SEQ_LEN)
+        tokens = hc.corpus_chunks(tiny_lm, corpus, 10**7, SEQ_LEN)
     assert 1000 < tokens.n_tokens < 10**7
     assert sum(c.numel() for c in tokens.chunks) == tokens.n_tokens
 
@@ -197,7 +198,7 @@ def test_bos_prefix_is_context_not_sample(tiny_lm, corpus):
                 out["input_ids"] = [1, *out["input_ids"]]
             return out
 
-    tokens = stats.tokenize_corpus(BosTokenizer(), stats.resolve_corpus(corpus), 500, 32)
+    tokens = hc.tokenize_corpus(BosTokenizer(), hc.resolve_corpus(corpus), 500, 32)
     assert tokens.n_prefix == 1 and tokens.n_tokens == 500
     assert all(int(c[0]) == 1 for c in tokens.chunks)
     assert sum(c.numel() - 1 for c in tokens.chunks) == 500
@@ -289,7 +290,7 @@ def _direct_records_C0(lm, layer, texts):
         with torch.no_grad():
             for text in texts:
                 ids = lm.tokenizer(text, truncation=True,
-                                   max_length=stats.context_length(lm.model.config))["input_ids"]
+                                   max_length=hc.context_length(lm.model.config))["input_ids"]
                 lm.model.base_model(input_ids=torch.tensor([ids]))
     finally:
         h.remove()
@@ -298,15 +299,15 @@ def _direct_records_C0(lm, layer, texts):
 
 
 def test_split_articles_and_lines(wiki):
-    src = stats.resolve_corpus(wiki)
-    arts = stats.corpus_records(src, "records")
+    src = hc.resolve_corpus(wiki)
+    arts = hc.corpus_records(src, "records")
     assert len(arts) == 5
     assert arts[0].startswith(" = Article 0 = \n") and arts[0].endswith(" . \n")
     assert " = = Section = = \n" in arts[3] and arts[3].count(" = Article") == 1
-    lines = stats.corpus_records(src, "lines")
+    lines = hc.corpus_records(src, "lines")
     assert all(line.strip() for line in lines)
     assert len(lines) == 5 + 15 + 4  # titles, paragraphs, section headings
-    assert stats.split_articles(["text before\n", " = T = \n", "body\n", " \n"]) == \
+    assert hc.split_articles(["text before\n", " = T = \n", "body\n", " \n"]) == \
         ["text before\n", " = T = \nbody\n"]
 
 
@@ -314,7 +315,7 @@ def test_split_articles_and_lines(wiki):
 def test_records_c0_matches_direct_computation(tiny_lm, wiki, unit):
     res = stats.second_moment_stats(tiny_lm, [1, 3], wiki, sampling=unit, n_records=1000,
                                     batch_tokens=64, show_progress=False)
-    texts = stats.corpus_records(stats.resolve_corpus(wiki), unit)
+    texts = hc.corpus_records(hc.resolve_corpus(wiki), unit)
     for layer in (1, 3):
         ref, count = _direct_records_C0(tiny_lm, layer, texts)
         assert int(res.meta[layer]["n_tokens"]) == count
@@ -330,23 +331,23 @@ def test_records_subset_is_the_originals_and_warns_when_short(tiny_lm, wiki):
 
     idx = list(range(24))
     random.Random(1).shuffle(idx)
-    assert stats.select_records(24, 5) == sorted(idx[:5])
-    assert stats.select_records(24, 30) == list(range(24))
+    assert hc.select_records(24, 5) == sorted(idx[:5])
+    assert hc.select_records(24, 30) == list(range(24))
     with pytest.raises(UserError, match="stats_records must be at least 1"):
-        stats.select_records(24, 0)
-    src = stats.resolve_corpus(wiki)
-    got = stats.tokenize_records(tiny_lm.tokenizer, src, 3, 10_000, "lines")
-    assert got.indices == stats.select_records(24, 3) and got.n_records == 3
+        hc.select_records(24, 0)
+    src = hc.resolve_corpus(wiki)
+    got = hc.tokenize_records(tiny_lm.tokenizer, src, 3, 10_000, "lines")
+    assert got.indices == hc.select_records(24, 3) and got.n_records == 3
     with pytest.warns(UserWarning, match="has only 5 records"):
-        got = stats.tokenize_records(tiny_lm.tokenizer, src, 100, 10_000, "records")
+        got = hc.tokenize_records(tiny_lm.tokenizer, src, 100, 10_000, "records")
     assert got.n_records == 5
-    short = stats.tokenize_records(tiny_lm.tokenizer, src, 5, 7, "records")
+    short = hc.tokenize_records(tiny_lm.tokenizer, src, 5, 7, "records")
     assert max(r.numel() for r in short.records) == 7  # truncated to the context length
 
 
 def test_records_batches_pad_and_mask():
     recs = [torch.arange(n) + 1 for n in (3, 7, 5, 2, 7)]
-    tr = stats.TokenRecords(records=recs, max_len=8, n_available=5, indices=list(range(5)),
+    tr = hc.TokenRecords(records=recs, max_len=8, n_available=5, indices=list(range(5)),
                             unit="records")
     batches = list(tr.batches(14))
     assert [tuple(b.shape) for b, _ in batches] == [(2, 7), (2, 5), (1, 2)]
@@ -381,11 +382,11 @@ def test_sampling_modes_have_different_keys_and_files(tiny_lm, wiki):
 def test_context_length_rule():
     from types import SimpleNamespace as NS
 
-    assert stats.context_length(NS(n_positions=1024, model_type="gpt2")) == 1024
-    assert stats.context_length(NS(max_position_embeddings=8192, model_type="llama")) == 8192
-    assert stats.context_length(NS(max_position_embeddings=32768, model_type="mistral",
+    assert hc.context_length(NS(n_positions=1024, model_type="gpt2")) == 1024
+    assert hc.context_length(NS(max_position_embeddings=8192, model_type="llama")) == 8192
+    assert hc.context_length(NS(max_position_embeddings=32768, model_type="mistral",
                                    sliding_window=None)) == 4096
-    assert stats.context_length(NS(max_position_embeddings=32768, model_type="qwen2")) == 4096
+    assert hc.context_length(NS(max_position_embeddings=32768, model_type="qwen2")) == 4096
 
 
 def test_c0_command_line(tiny_lm, wiki, tmp_path, monkeypatch, capsys):
@@ -415,9 +416,9 @@ def test_records_count_the_bos_position(tiny_lm, wiki):
             out["input_ids"] = [[1, *ids] for ids in out["input_ids"]]
             return out
 
-    src = stats.resolve_corpus(wiki)
-    plain = stats.tokenize_records(tiny_lm.tokenizer, src, 5, 10_000)
-    bos = stats.tokenize_records(BosTokenizer(), src, 5, 10_000)
+    src = hc.resolve_corpus(wiki)
+    plain = hc.tokenize_records(tiny_lm.tokenizer, src, 5, 10_000)
+    bos = hc.tokenize_records(BosTokenizer(), src, 5, 10_000)
     assert all(int(r[0]) == 1 for r in bos.records)
     assert bos.n_tokens == plain.n_tokens + 5  # one sample more per record
 

@@ -145,6 +145,17 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0))
 
 
+def _defined(values: torch.Tensor, *columns: torch.Tensor) -> list[float | None]:
+    """``values`` (n,) as floats, ``None`` for request i where a column i of any of ``columns``
+    ((d, n) each) is exactly zero: the ratio is 0/0 there, undefined rather than a numerical
+    failure (e.g. under BLUE a request whose first boundary write already reached its target
+    leaves nothing to write at the next layer, V0 = Z0). A NaN anywhere else stays NaN."""
+    zero = torch.zeros_like(values, dtype=torch.bool)
+    for c in columns:
+        zero |= c.norm(dim=0) == 0
+    return [None if z else float(v) for v, z in zip(values.tolist(), zero.tolist(), strict=True)]
+
+
 def predicted_realisation(R: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """(n,) rho predicted by the proxy: <(R S)_i, R_i> / |R_i|^2."""
     RS = R @ S
@@ -205,8 +216,9 @@ def refine(lm: LoadedModel, requests: Sequence[EditRequest], hp: Hparams, Z0: to
     Vs = V.detach()
     R0, Rs = (V0 - Z0).double(), (Vs - Z0).double()
     shift = (Vs - V0).double()
-    cos = _cos(shift, -grad0.double())
-    rho0, rhos = predicted_realisation(R0, S), predicted_realisation(Rs, S)
+    cos = _defined(_cos(shift, -grad0.double()), shift, grad0)
+    rho0 = _defined(predicted_realisation(R0, S), R0)
+    rhos = _defined(predicted_realisation(Rs, S), Rs)
     batch = {
         "alignment": float(alignment.alignment(Rs, S)),
         "kernel_energy": float(alignment.kernel_energy(Rs, S)),
@@ -215,8 +227,8 @@ def refine(lm: LoadedModel, requests: Sequence[EditRequest], hp: Hparams, Z0: to
     }
     info = [{**batch,
              "shift_norm": float(shift[:, i].norm()),
-             "shift_cos": float(cos[i]),
-             "rho_pred": float(rhos[i]), "rho_pred_open_loop": float(rho0[i]),
+             "shift_cos": cos[i],
+             "rho_pred": rhos[i], "rho_pred_open_loop": rho0[i],
              "proxy_nll_open_loop": float(nll_first[i]), "proxy_nll_final": float(nll_last[i])}
             for i in range(len(requests))]
     return Vs, info

@@ -178,3 +178,31 @@ def test_blue_write_plan_is_validated_and_names_its_arm():
     assert arm_of({"method": "metake", "hparams": {"write_plan": "blue"}}) == "metake-blue"
     assert arm_of({"method": "metake-noproxy", "hparams": {"write_plan": "spread"}}) == \
         "metake-noproxy"
+
+
+def test_a_request_with_nothing_left_to_write_has_undefined_ratios_not_a_failure(
+        tiny_lm, corpus, shared_data, restore):
+    """Under BLUE a request whose first boundary write already reached its target comes to the
+    next layer with V0 = Z0. Its open-loop rho is 0/0: recorded as None (undefined), which the
+    loop's finiteness check accepts, while the other requests keep their numbers."""
+    from harness.loop import _finite
+    from methods import metake
+    from methods.locate import projectors, templates_for
+    from methods.targets import compute_targets
+    from suites.counterfact import load
+
+    reqs = load(shared_data / "counterfact" / "counterfact-edit.json")[:2]
+    hp = hparams_from_dict(metake.Hparams, {**SMALL, "layers": [1, 3], "stats_corpus": corpus,
+                                            "write_plan": "blue", "outer_steps": 2})
+    templates = templates_for(tiny_lm, hp)
+    Z0, V, _, problem = compute_targets(tiny_lm, reqs, 3, hp, templates)
+    V[:, 0] = Z0[:, 0]
+    _, info = metake.refine(tiny_lm, reqs, hp, Z0, V, problem, templates,
+                            projectors(tiny_lm, hp, [3]), {}, at=3)
+    assert info[0]["rho_pred_open_loop"] is None
+    assert np.isfinite(info[1]["rho_pred_open_loop"]) and np.isfinite(info[1]["rho_pred"])
+    assert _finite(info)
+    # a NaN that is not 0/0 stays a NaN (and fails the batch)
+    got = metake._defined(torch.tensor([0.5, float("nan"), float("nan")]),
+                          torch.tensor([[1.0, 0.0, 2.0]]))
+    assert got[0] == 0.5 and got[1] is None and np.isnan(got[2])

@@ -1,7 +1,7 @@
 """Tables: per-suite main table (mean and 95% CI per metric, the field's usual columns, and
-``n_failed``), outcome table, diagnostics tables (at most :data:`MAX_DIAG_COLUMNS` diagnostics
-each), downstream table, pairwise comparisons; each written as Markdown, LaTeX (booktabs) and
-CSV.
+``n_failed``), outcome table, diagnostics tables (one per family, :data:`DIAG_FAMILIES`, at
+most :data:`MAX_DIAG_COLUMNS` diagnostics each), downstream table, pairwise comparisons;
+each written as Markdown, LaTeX (booktabs) and CSV.
 
 Columns follow ROME/MEMIT/AlphaEdit: CounterFact ``Eff`` (efficacy success), ``Gen``
 (paraphrase success), ``Spe`` (neighbourhood success), ``Flu`` (generation n-gram entropy,
@@ -20,7 +20,7 @@ cases), the case with all its seeds in batch mode. The unit is named in every ca
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,7 @@ GENERATION: dict[str, list[tuple[str, str]]] = {
     for suite, tf in _TF.items()}
 UNSCALED = {"efficacy_margin", "neighborhood_kl", "neighborhood_plus_kl"}
 #: diagnostics per table (beside method and runs): keeps every table readable
-MAX_DIAG_COLUMNS = 6
+MAX_DIAG_COLUMNS = 8
 
 
 def scale_of(column: str) -> float:
@@ -317,29 +317,57 @@ def generation_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Tabl
                  pd.DataFrame(disp_rows))
 
 
+#: diagnostics tables by family: (slug, title, predicate on the column name without "diag_");
+#: a column goes to the first family that takes it; tables come in :data:`DIAG_ORDER`
+DIAG_FAMILIES: tuple[tuple[str, str, Callable[[str], bool]], ...] = (
+    ("boundary", "BLUE's first boundary layer (layerN_*)",
+     lambda c: c.startswith("layer") and "_" in c and c.split("_")[0][5:].isdigit()),
+    ("target", "target step",
+     lambda c: c in {"key_norm", "z0_norm", "residual_norm", "delta_norm", "delta_clamped",
+                     "target_nll_init", "target_nll_final", "target_steps"}),
+    ("write", "write (realisation)",
+     lambda c: c in {"rho", "z_error", "phi", "update_norm", "written", "rescale"}),
+    ("upper", "MetaKE's upper level",
+     lambda c: c.split("_open_loop")[0] in {"alignment", "kernel_energy"}
+     or c.startswith(("proxy_", "rho_pred", "shift_"))),
+    ("solver", "solver-specific (per layer .N)", lambda c: c.startswith(("prune_", "rect_"))),
+    ("other", "other", lambda c: True),
+)
+DIAG_ORDER = ("target", "write", "upper", "boundary", "solver", "other")
+
+
 def diagnostics_tables(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> list[Table]:
-    """Per arm and preset: the mean of every per-edit diagnostic, at most
-    :data:`MAX_DIAG_COLUMNS` diagnostics per table."""
+    """Per arm and preset: the mean of every per-edit diagnostic, one table per family
+    (:data:`DIAG_FAMILIES`; a family wider than :data:`MAX_DIAG_COLUMNS` is split in parts),
+    each with only the arms that recorded one of its diagnostics."""
     frame = runs.frame
     suite, model = str(frame["suite"].iloc[0]), str(frame["model"].iloc[0])
-    cols = diagnostic_columns(frame)
-    chunks = [cols[i:i + MAX_DIAG_COLUMNS] for i in range(0, len(cols), MAX_DIAG_COLUMNS)]
+    family_of = {c: next(f for f, _, takes in DIAG_FAMILIES if takes(c.removeprefix("diag_")))
+                 for c in diagnostic_columns(frame)}
+    titles = {f: title for f, title, _ in DIAG_FAMILIES}
+    families: list[tuple[str, str, list[str]]] = []
+    for fam in DIAG_ORDER:
+        mine = [c for c, f in family_of.items() if f == fam]
+        wide = len(mine) > MAX_DIAG_COLUMNS
+        families += [(fam + (f"_{k // MAX_DIAG_COLUMNS + 1}" if wide else ""), titles[fam],
+                      mine[k:k + MAX_DIAG_COLUMNS]) for k in range(0, len(mine), MAX_DIAG_COLUMNS)]
     out = []
-    for k, chunk in enumerate(chunks):
+    for fam_slug, title, chunk in families:
         spec = [(c.removeprefix("diag_"), c) for c in chunk]
         raw_rows, disp_rows = [], []
         for label, rows in _arm_groups(frame):
+            if not rows[chunk].notna().any().any():
+                continue
             raw, disp = _arm_summary(label, rows, False), _arm_summary(label, rows, False)
             r, d = _ci_cells(rows, spec, cluster_labels(rows), n_resamples, seed)
             raw.update(r)
             disp.update(d)
             raw_rows.append(raw)
             disp_rows.append(disp)
-        part = f" (part {k + 1} of {len(chunks)})" if len(chunks) > 1 else ""
-        caption = (f"{suite} / {model}: per-edit diagnostics{part}, mean with 95% wild "
-                   f"cluster bootstrap-t CI over {resampling_unit(frame)}; '–': not recorded "
-                   f"by that method.")
-        name = f"diagnostics_{slug(suite)}_{slug(model)}" + (f"_{k + 1}" if k else "")
+        caption = (f"{suite} / {model}: per-edit diagnostics, {title}; mean with 95% wild "
+                   f"cluster bootstrap-t CI over {resampling_unit(frame)}; only the methods "
+                   f"that record them; '–': not recorded by that method.")
+        name = f"diagnostics_{slug(suite)}_{slug(model)}_{fam_slug}"
         out.append(Table(name, caption, pd.DataFrame(raw_rows), pd.DataFrame(disp_rows)))
     return out
 

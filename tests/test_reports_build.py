@@ -401,3 +401,34 @@ def test_downstream_labels_edits_in_model_and_does_not_pool_seeds(tmp_path):
     assert raw.loc[0, "n"] == 100 and raw.loc[0, "acc"] == pytest.approx(0.8)  # not 200
     assert raw.loc[N_CASES, "edits_in_model"] == BATCH  # the model holds one batch
     assert "edits in model" in table.display.columns
+
+
+def test_diagnostics_tables_by_family_with_only_the_arms_that_record_them(tmp_path):
+    """Issue 14's readable report: per-edit diagnostics come in one table per family (target
+    step, write, MetaKE's upper level, BLUE's first boundary layer, solver-specific), none
+    wider than MAX_DIAG_COLUMNS diagnostics, each listing only the methods that record one of
+    its columns; a None diagnostic (undefined, e.g. 0/0) is missing, not zero."""
+    from reports.tables import MAX_DIAG_COLUMNS, diagnostics_tables
+
+    plain = make_run(tmp_path, "alphaedit")
+    blue = make_run(tmp_path, "metake", hparams={"layers": [1, 3], "write_plan": "blue"})
+    recs = [json.loads(line) for line in (blue / "records.jsonl").read_text().splitlines()]
+    for i, r in enumerate(recs):
+        r["diagnostics"].update({"target_steps": 3.0, "shift_cos": 0.5,
+                                 "rho_pred_open_loop": None if i % 2 else 0.7,
+                                 **{f"layer1_extra{k}": float(k) for k in range(10)}})
+    (blue / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tables = {t.name.removeprefix("diagnostics_counterfact_toy_"): t
+              for t in diagnostics_tables(load_runs([plain, blue]), n_resamples=50)}
+    assert list(tables) == ["target", "write", "upper", "boundary_1", "boundary_2"]
+    for t in tables.values():
+        assert len([c for c in t.display.columns if c not in ("method", "runs")]) \
+            <= MAX_DIAG_COLUMNS
+    def arms(t):
+        return [m.split(" [")[0] for m in t.display["method"]]
+
+    assert arms(tables["write"]) == ["alphaedit", "metake-blue"]
+    for fam in ("target", "upper", "boundary_1", "boundary_2"):
+        assert arms(tables[fam]) == ["metake-blue"], fam
+    upper = tables["upper"].raw
+    assert upper["rho_pred_open_loop"].iloc[0] == pytest.approx(0.7)

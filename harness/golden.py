@@ -58,16 +58,17 @@ RTOL, ATOL = 2e-3, 2e-3
 #: threads alike; the other 15 methods stayed within 2e-3 there)
 METHOD_TOLERANCE: dict[str, tuple[float, float]] = {"r-rome": (1e-2, 1e-2)}
 
-
-def tolerance(method: str) -> tuple[float, float]:
-    """(rtol, atol) of ``method``'s golden numbers."""
-    return METHOD_TOLERANCE.get(method, (RTOL, ATOL))
 #: the numbers kept per case (diagnostics under their own name when the method reports them)
 FIELDS = ("efficacy_margin", "lp_rewrite_new", "lp_rewrite_true", "lp_paraphrase_new",
           "lp_paraphrase_true", "lp_neighborhood_new", "lp_neighborhood_true", "rho",
           "target_norm")
 #: diagnostics -> golden field (the first present wins)
 DIAG_FIELDS = {"rho": ("rho",), "target_norm": ("delta_norm", "residual_norm", "shift_norm")}
+
+
+def tolerance(method: str) -> tuple[float, float]:
+    """(rtol, atol) of ``method``'s golden numbers."""
+    return METHOD_TOLERANCE.get(method, (RTOL, ATOL))
 
 
 def overrides_for(method: str) -> dict[str, Any]:

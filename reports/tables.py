@@ -317,11 +317,9 @@ def generation_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Tabl
                  pd.DataFrame(disp_rows))
 
 
-#: diagnostics tables by family: (slug, title, predicate on the column name without "diag_");
-#: a column goes to the first family that takes it; tables come in :data:`DIAG_ORDER`
+#: diagnostics tables by family, in the report's order: (slug, title, predicate on the column
+#: name without "diag_"); a column goes to the first family that takes it ("other" takes the rest)
 DIAG_FAMILIES: tuple[tuple[str, str, Callable[[str], bool]], ...] = (
-    ("boundary", "BLUE's first boundary layer (layerN_*)",
-     lambda c: c.startswith("layer") and "_" in c and c.split("_")[0][5:].isdigit()),
     ("target", "target step",
      lambda c: c in {"key_norm", "z0_norm", "residual_norm", "delta_norm", "delta_clamped",
                      "target_nll_init", "target_nll_final", "target_steps"}),
@@ -330,26 +328,26 @@ DIAG_FAMILIES: tuple[tuple[str, str, Callable[[str], bool]], ...] = (
     ("upper", "MetaKE's upper level",
      lambda c: c.split("_open_loop")[0] in {"alignment", "kernel_energy"}
      or c.startswith(("proxy_", "rho_pred", "shift_"))),
+    ("boundary", "BLUE's first boundary layer (layerN_*)",
+     lambda c: c.startswith("layer") and "_" in c and c.split("_")[0][5:].isdigit()),
     ("solver", "solver-specific (per layer .N)", lambda c: c.startswith(("prune_", "rect_"))),
     ("other", "other", lambda c: True),
 )
-DIAG_ORDER = ("target", "write", "upper", "boundary", "solver", "other")
 
 
 def diagnostics_tables(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> list[Table]:
     """Per arm and preset: the mean of every per-edit diagnostic, one table per family
-    (:data:`DIAG_FAMILIES`; a family wider than :data:`MAX_DIAG_COLUMNS` is split in parts),
-    each with only the arms that recorded one of its diagnostics."""
+    (:data:`DIAG_FAMILIES`, in its order; a family wider than :data:`MAX_DIAG_COLUMNS` is
+    split in parts), each with only the arms that recorded one of its diagnostics."""
     frame = runs.frame
     suite, model = str(frame["suite"].iloc[0]), str(frame["model"].iloc[0])
     family_of = {c: next(f for f, _, takes in DIAG_FAMILIES if takes(c.removeprefix("diag_")))
                  for c in diagnostic_columns(frame)}
-    titles = {f: title for f, title, _ in DIAG_FAMILIES}
     families: list[tuple[str, str, list[str]]] = []
-    for fam in DIAG_ORDER:
+    for fam, title, _ in DIAG_FAMILIES:
         mine = [c for c, f in family_of.items() if f == fam]
         wide = len(mine) > MAX_DIAG_COLUMNS
-        families += [(fam + (f"_{k // MAX_DIAG_COLUMNS + 1}" if wide else ""), titles[fam],
+        families += [(fam + (f"_{k // MAX_DIAG_COLUMNS + 1}" if wide else ""), title,
                       mine[k:k + MAX_DIAG_COLUMNS]) for k in range(0, len(mine), MAX_DIAG_COLUMNS)]
     out = []
     for fam_slug, title, chunk in families:

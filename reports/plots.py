@@ -1,7 +1,7 @@
 """Figures (PNG, matplotlib's Agg canvas; no pyplot state). Each function returns a
 :class:`Figure` with its caption, or with ``path=None`` and a note saying why it was skipped.
 
-* ``metrics_*``: efficacy / generalisation / specificity per method with 95% CI error bars.
+* ``metrics_*``: efficacy / generalisation / specificity per method, mean and 95% CI (forest plot).
 * ``downstream_*``: downstream accuracy against the number of edits (curve.jsonl).
 * ``probe_*``: probe-set metrics against the number of edits (curve.jsonl).
 * ``diagnostics_*``: distributions of rho and z-error per method.
@@ -63,48 +63,62 @@ def _tag(runs: Runs) -> tuple[str, str, str]:
 
 
 def _colors(arms: list[str]) -> dict[str, tuple]:
+    """One distinct colour per arm: tab10 up to 10 arms, tab20 (dark shades first) up to 20,
+    beyond that evenly spaced samples of a perceptual map (the line style and marker, which
+    cycle with other periods, keep neighbours apart)."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"]
-    return {a: cmap(i % 10) for i, a in enumerate(arms)}
+    n = len(arms)
+    if n <= 10:
+        return {a: colormaps["tab10"](i) for i, a in enumerate(arms)}
+    if n <= 20:
+        return {a: colormaps["tab20"]((2 * i) % 20 + i // 10) for i, a in enumerate(arms)}
+    cmap = colormaps["turbo"]
+    return {a: cmap(0.05 + 0.9 * i / (n - 1)) for i, a in enumerate(arms)}
 
 
 def plot_metrics(runs: Runs, table: Table | None, directory: Path) -> Figure:
-    """Grouped bars: mean of Eff/Gen/Spe (x100) per method, error bars the table's 95% CIs."""
+    """Forest plot: one panel per metric (Eff/Gen/Spe, x100), one row per method in the main
+    table's order, the mean as a dot and the table's 95% CI as a bar; method names on the
+    shared y axis, so any number of methods stays readable without a legend."""
     suite, model, tag = _tag(runs)
     name = f"metrics_{tag}"
     labels = [c for c in ("Eff", "Gen", "Spe") if table is not None and c in table.raw]
     if table is None or not labels:
         return Figure(name, "", note=f"{suite} / {model}: no efficacy/generalisation/"
                       f"specificity metric recorded")
-    raw = table.raw
+    raw = table.raw.reset_index(drop=True)
     arms = list(raw["method"])
     colors = _colors(arms)
-    fig = _new(max(5.0, 1.6 * len(labels) + 0.5 * len(arms)), 3.8)
-    ax = fig.add_subplot()
-    width = 0.8 / len(arms)
-    x = np.arange(len(labels))
-    for i, row in raw.iterrows():
-        means = np.array([row[c] for c in labels], dtype=float)
-        lo = np.array([row[f"{c}_lo"] for c in labels], dtype=float)
-        hi = np.array([row[f"{c}_hi"] for c in labels], dtype=float)
-        err = np.vstack([np.where(np.isfinite(lo), means - lo, 0),
-                         np.where(np.isfinite(hi), hi - means, 0)])
-        n_runs = int(row["runs"])
-        ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=err, capsize=3,
-               color=colors[row["method"]],
-               label=f"{row['method']} ({n_runs} run{'s' if n_runs != 1 else ''})")
-    ax.set_xticks(x, [{"Eff": "Efficacy", "Gen": "Generalisation", "Spe": "Specificity"}[c]
-                      for c in labels])
-    ax.set_ylabel("success rate (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"{suite} / {model}")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(axis="y", alpha=0.3)
+    y = np.arange(len(arms))[::-1]  # first row of the table at the top
+    fig = _new(1.6 + 2.6 * len(labels), 0.9 + 0.26 * len(arms))
+    axes = np.atleast_1d(fig.subplots(1, len(labels), sharey=True, squeeze=False)).ravel()
+    titles = {"Eff": "Efficacy", "Gen": "Generalisation", "Spe": "Specificity"}
+    noop_line = False
+    for ax, c in zip(axes, labels, strict=True):
+        for i, row in raw.iterrows():
+            m, lo, hi = (float(row[k]) for k in (c, f"{c}_lo", f"{c}_hi"))
+            if np.isfinite(lo) and np.isfinite(hi):
+                ax.plot([lo, hi], [y[i], y[i]], color=colors[row["method"]], lw=1.6)
+            ax.plot([m], [y[i]], "o", ms=4.5, color=colors[row["method"]])
+        ref = raw.loc[raw["method"].astype(str).str.startswith("noop"), c]
+        if len(ref) == 1 and np.isfinite(float(ref.iloc[0])):  # the unedited model
+            ax.axvline(float(ref.iloc[0]), color="grey", lw=0.8, ls="--")
+            noop_line = True
+        ax.set_title(titles[c], fontsize=10)
+        ax.set_xlim(-2, 102)
+        ax.set_xlabel("success rate (%)")
+        ax.grid(axis="x", alpha=0.3)
+    ticks = [f"{row['method']} ({int(row['runs'])} run{'s' if int(row['runs']) != 1 else ''})"
+             for _, row in raw.iterrows()]
+    axes[0].set_yticks(y, ticks, fontsize=8)
+    axes[0].set_ylim(-0.7, len(arms) - 0.3)
+    fig.suptitle(f"{suite} / {model}", fontsize=10)
     caption = (f"{suite} / {model}: efficacy, generalisation (paraphrases) and specificity "
-               f"(neighbourhood/locality) per method, mean over cases and seeds in percent; "
-               f"error bars are 95% wild cluster bootstrap-t CIs over "
-               f"{resampling_unit(runs.frame)}.")
+               f"(neighbourhood/locality) per method, mean over cases and seeds in percent "
+               f"(dots); bars are 95% wild cluster bootstrap-t CIs over "
+               f"{resampling_unit(runs.frame)}"
+               + ("; dashed: the unedited model (noop)." if noop_line else "."))
     return Figure(name, caption, _save(fig, directory, name))
 
 

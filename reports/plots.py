@@ -197,10 +197,10 @@ def plot_diagnostics(runs: Runs, directory: Path) -> Figure:
     diags = [d for d in ("diag_rho", "diag_z_error") if d in f.columns and f[d].notna().any()]
     if not diags:
         return Figure(name, "", note=f"{suite} / {model}: no method recorded rho or z_error")
-    fig = _new(4.0 * len(diags) + 0.5, 3.8)
-    axes = np.atleast_1d(fig.subplots(1, len(diags), squeeze=False)).ravel()
     all_arms = list(dict.fromkeys(f["arm"]))
     colors = _colors(all_arms)
+    fig = _new(1.6 + 3.6 * len(diags), 0.9 + 0.26 * len(all_arms))
+    axes = np.atleast_1d(fig.subplots(1, len(diags), squeeze=False)).ravel()
     rng = np.random.default_rng(0)
     absent = {}
     ref_line = False
@@ -208,15 +208,17 @@ def plot_diagnostics(runs: Runs, directory: Path) -> Figure:
         arms = [a for a in all_arms if f.loc[f["arm"] == a, d].notna().any()]
         absent[d] = [a for a in all_arms if a not in arms]
         data = [f.loc[f["arm"] == a, d].dropna().to_numpy() for a in arms]
-        ax.boxplot(data, tick_labels=arms, showfliers=False, widths=0.5)
-        for i, (a, v) in enumerate(zip(arms, data, strict=True)):
-            ax.scatter(i + 1 + rng.uniform(-0.15, 0.15, v.size), v, s=6, alpha=0.5,
+        pos = np.arange(len(arms))[::-1] + 1.0  # first arm at the top, a labelled row each
+        ax.boxplot(data, positions=pos, tick_labels=arms, showfliers=False, widths=0.5,
+                   orientation="horizontal")
+        for y, a, v in zip(pos, arms, data, strict=True):
+            ax.scatter(v, y + rng.uniform(-0.15, 0.15, v.size), s=6, alpha=0.5,
                        color=colors[a])
         ax.set_title({"diag_rho": "realisation rho", "diag_z_error": "z-error e"}[d])
-        ax.tick_params(axis="x", rotation=30, labelsize=8)
-        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
         if d == "diag_rho" and max((v.max() for v in data if v.size), default=0) >= 0.5:
-            ax.axhline(1.0, color="grey", lw=0.8, ls="--")  # full realisation, if in range
+            ax.axvline(1.0, color="grey", lw=0.8, ls="--")  # full realisation, if in range
             ref_line = True
     missing = "; ".join(f"no {k.removeprefix('diag_')} for {', '.join(v)}"
                         for k, v in absent.items() if v)

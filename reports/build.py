@@ -141,16 +141,33 @@ def _versions_table(runs: Runs) -> pd.DataFrame:
     keys = sorted({k for v, _ in sets.values() for k in v})
     cols = {}
     for i, (v, rids) in enumerate(sets.values()):
-        cols[f"set {i + 1} ({len(rids)} runs)"] = [str(v.get(k, "–")) for k in keys]
+        cols[f"set {i + 1} ({_runs_word(len(rids))})"] = [str(v.get(k, "–")) for k in keys]
     return pd.DataFrame({"package": keys, **cols})
 
 
+def _runs_word(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
 def _hparams_lines(runs: Runs) -> list[str]:
-    seen: dict[tuple[str, str], list[str]] = {}
+    """One line per arm with its hparams; where runs of one arm differ (e.g. a key added by a
+    later revision), the first set in full and, for each other set, only what differs."""
+    seen: dict[str, dict[str, tuple[dict[str, Any], list[str]]]] = {}
     for rid, m in runs.manifests.items():
-        key = (arm_of(m), json.dumps(m.get("hparams") or {}, sort_keys=True))
-        seen.setdefault(key, []).append(rid)
-    return [f"- {arm} ({len(rids)} runs): `{hp}`" for (arm, hp), rids in seen.items()]
+        hp = m.get("hparams") or {}
+        seen.setdefault(arm_of(m), {}).setdefault(json.dumps(hp, sort_keys=True),
+                                                  (hp, []))[1].append(rid)
+    lines = []
+    for arm, sets in seen.items():
+        (first, rids0), *others = sets.values()
+        lines.append(f"- {arm} ({_runs_word(len(rids0))}): "
+                     f"`{json.dumps(first, sort_keys=True)}`")
+        for hp, rids in others:
+            diff = {k: hp.get(k, "(absent)") for k in sorted(set(first) | set(hp))
+                    if first.get(k, "(absent)") != hp.get(k, "(absent)")}
+            lines.append(f"  - {arm}, {_runs_word(len(rids))} more, differing only in: "
+                         f"`{json.dumps(diff, sort_keys=True)}`")
+    return lines
 
 
 def _cost_table(runs: Runs) -> pd.DataFrame:

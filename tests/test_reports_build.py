@@ -432,3 +432,21 @@ def test_diagnostics_tables_by_family_with_only_the_arms_that_record_them(tmp_pa
         assert arms(tables[fam]) == ["metake-blue"], fam
     upper = tables["upper"].raw
     assert upper["rho_pred_open_loop"].iloc[0] == pytest.approx(0.7)
+
+
+def test_hparams_lines_show_what_differs_within_an_arm():
+    from types import SimpleNamespace
+
+    from reports.build import _hparams_lines
+
+    def manifest(**hp):
+        return {"config": {"method": "memit"}, "method": "memit", "hparams": hp}
+
+    runs = SimpleNamespace(manifests={
+        "a": manifest(layers=[4, 5], v_lr=0.1), "b": manifest(layers=[4, 5], v_lr=0.1),
+        "c": manifest(layers=[4, 5], v_lr=0.1, write_plan="spread"),
+        "d": {"config": {"method": "noop"}, "method": "noop", "hparams": {}}})
+    lines = _hparams_lines(runs)
+    assert lines[0] == '- memit (2 runs): `{"layers": [4, 5], "v_lr": 0.1}`'
+    assert lines[1] == '  - memit, 1 run more, differing only in: `{"write_plan": "spread"}`'
+    assert lines[2] == "- noop (1 run): `{}`"

@@ -87,6 +87,16 @@ def test_shipped_grids_load():
     stream = [c for g in load_grid("stream-smollm2") for c in g.configs()]
     assert {(c.method, c.n_edits, c.eval_every) for c in stream} == {
         ("alphaedit", 10000, 10), ("memit", 10000, 10), ("metake", 10000, 10)}
+    # the comparison grids leave no registered method out (noop: the paper grids' runs carry
+    # their own unedited reference)
+    from methods import METHODS
+
+    for name, expected in (("default", set(METHODS)), ("smollm2-100", set(METHODS)),
+                           ("paper-smollm2", set(METHODS) - {"noop"}),
+                           ("paper-gemma3", set(METHODS) - {"noop"})):
+        for suite in ("counterfact", "zsre") if name != "smollm2-100" else ("counterfact",):
+            got = {c.method for g in load_grid(name) for c in g.configs() if c.suite == suite}
+            assert got == expected, (name, suite, expected ^ got)
     sweep = [c for g in load_grid("smollm2-sweep") for c in g.configs()]
     assert len({c.default_run_id() for c in sweep}) == len(sweep)  # overrides tell them apart
 

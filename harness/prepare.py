@@ -53,10 +53,12 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise UserError(f"{path}: not UTF-8 text (byte offset {exc.start}); convert it, "
                         f"e.g. iconv -f latin1 -t utf-8") from exc
     if cfg.start + cfg.n_edits > len(all_requests):
+        n = len(all_requests)
         raise UserError(
-            f"--n-edits {cfg.n_edits} (from --start {cfg.start}) exceeds the "
-            f"{len(all_requests)} records in {path}"
-        )
+            f"cases {cfg.start}..{cfg.start + cfg.n_edits - 1} (--start {cfg.start}, "
+            f"--n-edits {cfg.n_edits}) run past the {n} records in {path}; "
+            + (f"use at most --n-edits {n - cfg.start}" if cfg.start < n else
+               f"--start must be below {n}"))
     requests = all_requests[cfg.start:cfg.start + cfg.n_edits]
     if cfg.generation_tokens and not _accepts(suite.evaluate, "generation_tokens"):
         raise UserError(f"--generation-tokens: suite {cfg.suite!r} has no generation metrics")

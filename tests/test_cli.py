@@ -19,7 +19,10 @@ def _run(argv, capsys):
 @pytest.mark.parametrize(("args", "needle"), [
     (["--method", "nosuch"], "unknown method 'nosuch'"),
     (["--suite", "nosuch"], "unknown suite 'nosuch'"),
-    (["--n-edits", "20000"], "exceeds the 10000 records"),
+    (["--n-edits", "20000"], "run past the 10000 records in"),
+    (["--n-edits", "20000"], "use at most --n-edits 10000"),
+    (["--start", "9995"], "cases 9995..10004"),
+    (["--start", "10000", "--n-edits", "1"], "--start must be below 10000"),
     (["--n-edits", "0"], "--n-edits must be at least 1"),
     (["--method", "ft", "--set", "bogus=1"], "unknown hyperparameter(s) bogus"),
     (["--method", "ft", "--set", "lr=fast"], "field 'lr': expected a number"),

@@ -84,6 +84,11 @@ class RunConfig:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.eval_every < 0:
             raise UserError(f"--eval-every must be >= 0 (got {self.eval_every})")
+        if self.eval_every > 0 and not self.sequential:
+            raise UserError(f"--eval-every {self.eval_every} needs --sequential: it draws a curve "
+                            f"of the edits accumulated so far, and batch runs restore the weights "
+                            f"after each batch (with --downstream a batch run already scores "
+                            f"before the first and after the last batch)")
         if self.start < 0:
             raise UserError(f"--start must be >= 0 (got {self.start})")
         if self.eval_batch_size < 1:

@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.utils import logging as hf_logging
+
+# transformers binds its log handler to whatever sys.stderr is at its first log call; make that
+# the session's stderr now, not a test's capsys stream that pytest closes after the test (a later
+# warning then printed "--- Logging error --- I/O operation on closed file", order-dependent)
+hf_logging.get_logger("transformers")
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -103,6 +103,7 @@ def test_cli_flags_reach_the_config():
     (["--downstream", "nosuchtask"], "not one of keh's offline tasks"),
     (["--downstream", "sst2", "--downstream-fewshot", "12"], "reserves only 10"),
     (["--suite", "zsre", "--generation-tokens", "5"], "suite 'zsre' has no generation"),
+    (["--eval-every", "2"], "--eval-every 2 needs --sequential"),
 ])
 def test_bad_flags(tmp_path, capsys, shared_data, monkeypatch, args, needle):
     monkeypatch.setenv("KEH_DATA_DIR", str(shared_data))
@@ -154,7 +155,7 @@ def test_probe_curve_tracks_edits_without_downstream(tmp_path, tiny_lm, shared_d
 
 def test_batch_mode_downstream_before_and_after(tmp_path, tiny_lm, shared_data):
     cfg = _cfg(tmp_path, sequential=False, n_edits=2, downstream=["cola"],
-               downstream_limit=3, data_dir=str(shared_data), eval_every=1)
+               downstream_limit=3, data_dir=str(shared_data))
     run_dir = run(cfg, lm=tiny_lm, log=lambda s: None)
     curve = rec_io.read_records(run_dir / CURVE)
     assert [(c["n_edits_so_far"], c["edits_in_model"]) for c in curve] == [(0, 0), (2, 1)]

@@ -20,9 +20,9 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -81,12 +81,65 @@ def load_grid(name_or_path: str) -> list[Grid]:
     if not path.exists():
         known = ", ".join(p.stem for p in GRIDS.glob("*.yaml"))
         raise UserError(f"no grid {name_or_path!r} (known: {known}; or give a YAML path)")
-    data = yaml.safe_load(path.read_text()) or {}
-    parts = data if isinstance(data, list) else [data]
     try:
-        return [Grid(**part) for part in parts]
-    except TypeError as exc:
-        raise UserError(f"grid {path}: {exc}") from exc
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"grid {path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    parts = data if isinstance(data, list) else [data]
+    grids = []
+    for i, part in enumerate(parts):
+        where = f"grid {path}" + (f", part {i + 1} of {len(parts)}" if len(parts) > 1 else "")
+        _check_part(part, where)
+        grid = Grid(**part)
+        for cfg in grid.configs():
+            try:
+                cfg.validate()
+            except UserError as exc:
+                raise UserError(f"{where} ({cfg.method} / {cfg.suite} / seed {cfg.seed}): "
+                                f"{exc}") from exc
+        grids.append(grid)
+    return grids
+
+
+def _kind_ok(value: Any, kind: Any) -> bool:
+    """Whether a YAML value fits a field annotation of :class:`Grid` (bool is not an int)."""
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is list:
+        return isinstance(value, list) and all(_kind_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _kind_ok(k, args[0]) and _kind_ok(v, args[1]) for k, v in value.items())
+    if args:  # a union such as str | None
+        return any(_kind_ok(value, a) for a in args)
+    if kind is Any:
+        return True
+    if kind is type(None):
+        return value is None
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_part(part: Any, where: str) -> None:
+    """One line for a grid entry that is not a mapping, has unknown or missing keys, or a value
+    of the wrong type (e.g. ``n_edits: ten``, ``methods: rome`` for a list)."""
+    if not isinstance(part, dict):
+        raise UserError(f"{where}: expected a mapping of grid keys, got {type(part).__name__}")
+    hints = get_type_hints(Grid)
+    known = [f.name for f in fields(Grid)]
+    unknown = [k for k in part if k not in hints]
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} "
+                        f"(known: {', '.join(known)})")
+    missing = [f.name for f in fields(Grid) if f.name not in part
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise UserError(f"{where}: missing key(s) {', '.join(missing)}")
+    for key, value in part.items():
+        if not _kind_ok(value, hints[key]):
+            kind = hints[key]
+            shown = (str(kind) if get_origin(kind) else kind.__name__).replace("typing.", "")
+            raise UserError(f"{where}: {key}: expected {shown}, got {value!r}")
 
 
 def is_complete(run_dir: Path) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from harness.benchmark import load_grid, main
@@ -127,3 +128,27 @@ def test_complete_run_with_other_hparams_is_set_aside_and_rerun(tmp_path, shared
     capsys.readouterr()
     assert main(["--grid", str(grid), "--no-report"]) == 0  # now up to date: skipped
     assert "skip (complete)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("models: [m]\nmethodz: [rome]\nsuites: [zsre]\n", "unknown key(s) methodz (known: models,"),
+    ("models: [m]\nmethods: [rome]\n", "missing key(s) suites"),
+    ("models: [m]\nmethods: rome\nsuites: [zsre]\n", "methods: expected list[str], got 'rome'"),
+    ("models: [m]\nmethods: [rome]\nsuites: [zsre]\nn_edits: ten\n",
+     "n_edits: expected int, got 'ten'"),
+    ("models: [m]\nmethods: [rome]\nsuites: [zsre]\nsequential: 1\n",
+     "sequential: expected bool, got 1"),
+    ("models: [m]\nmethods: [rome]\nsuites: [zsre]\nhparams_overrides: {rome: [1]}\n",
+     "hparams_overrides: expected dict[str, dict[str, Any]]"),
+    ("- models: [m]\n  methods: [rome]\n  suites: [zsre]\n- 3\n",
+     "part 2 of 2: expected a mapping of grid keys, got int"),
+    ("- models: [m]\n  methods: [rome]\n  suites: [zsre]\n  sequential: false\n"
+     "  eval_every: 2\n", "(rome / zsre / seed 0): --eval-every 2 needs --sequential"),
+    ("models: [m\n", "not valid YAML (while parsing"),
+])
+def test_bad_grid_is_one_line(tmp_path, capsys, text, needle):
+    grid = tmp_path / "bad.yaml"
+    grid.write_text(text)
+    assert main(["--grid", str(grid), "--no-report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("keh: error: grid ") and needle in err[0], err

@@ -30,7 +30,10 @@ def _override(text: str) -> tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as exc:
-        raise argparse.ArgumentTypeError(f"--set {text!r}: {exc}") from exc
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise argparse.ArgumentTypeError(
+            f"--set {text!r}: the value is not valid YAML ({problem}); quote lists in the "
+            f"shell, e.g. --set 'layers=[4, 5]'") from exc
 
 
 def _task_list(text: str) -> list[str]:

@@ -100,3 +100,12 @@ def test_resume_refuses_complete_runs_and_run_flags(tmp_path, capsys, shared_dat
     code, err = _run(["run", "--allow-revision-change", "--out", str(tmp_path)], capsys)
     assert code == 2 and err == ["keh: error: --allow-revision-change only applies with "
                                  "--resume"]
+
+
+def test_set_with_invalid_yaml_says_how_to_quote(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--method", "rome", "--set", "layers=[a"])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("keh run: error: argument --set: --set 'layers=[a': the value is not "
+                           "valid YAML (expected ',' or ']'") and "--set 'layers=[4, 5]'" in last

@@ -20,19 +20,23 @@ echo "$(cat $c/a/smollm2.gguf.sha256)  $gg" | sha256sum -c - || exit 3
 export KEH_SMOLLM2_GGUF=$gg KEH_DATA_DIR=$PWD/$c/a/data KEH_CACHE=${KEH_CACHE:-/tmp/keh-cache}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ -n "${KEH_GPU_SMOKE:-}" ]; then n1=4; n2=6; b=2; e1=1; e2=2; else n1=2000; n2=10000; b=100; e1=5; e2=10; fi
+# one AlphaEdit CounterFact cell as a one-cell grid: the benchmark skips it when complete and
+# continues it when an earlier call was cut off (a warm machine keeps runs/ between calls)
+cell() {  # cell OUT_DIR N_EDITS EVAL_EVERY SECONDS
+  local grid=${TMPDIR:-/tmp}/keh-$1.yaml
+  printf 'models: [smollm2-135m]\nmethods: [alphaedit]\nsuites: [counterfact]\nseeds: [0]\nn_edits: %s\nbatch_size: %s\nsequential: true\neval_every: %s\nout_dir: runs/%s\n' \
+    "$2" "$b" "$3" "$1" > "$grid"
+  timeout "$4" python3 -m harness.benchmark --grid "$grid" --jobs 1 --no-report
+}
 t0=$SECONDS
 echo "[$(date +%T)] paper cell: alphaedit, $n1 CounterFact edits"
-timeout $((budget * 6 / 10)) python3 -m harness run --model smollm2-135m --method alphaedit \
-  --suite counterfact --n-edits $n1 --batch-size $b --sequential --eval-every $e1 --seed 0 \
-  --out runs/paper-smollm2
-echo "[$(date +%T)] paper cell exit $? after $((SECONDS - t0)) s"
+cell paper-smollm2 $n1 $e1 $((budget * 6 / 10)); rc=$?
+echo "[$(date +%T)] paper cell exit $rc after $((SECONDS - t0)) s"
 left=$((budget - (SECONDS - t0)))
 if [ $left -gt 30 ]; then
   echo "[$(date +%T)] stream: alphaedit, up to $n2 edits, $left s"
-  timeout $left python3 -m harness run --model smollm2-135m --method alphaedit \
-    --suite counterfact --n-edits $n2 --batch-size $b --sequential --eval-every $e2 --seed 0 \
-    --out runs/stream-smollm2
-  echo "[$(date +%T)] stream exit $? after $((SECONDS - t0)) s"
+  cell stream-smollm2 $n2 $e2 $left; rc=$?
+  echo "[$(date +%T)] stream exit $rc (124: stopped by the time budget, resumable) after $((SECONDS - t0)) s"
 fi
 tar czf "$OUT/runs.tgz" --exclude=checkpoint --exclude=.lock runs/paper-smollm2 runs/stream-smollm2 2>/dev/null
 ls -la "$OUT"

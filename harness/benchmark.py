@@ -125,12 +125,11 @@ def _check_part(part: Any, where: str) -> None:
     of the wrong type (e.g. ``n_edits: ten``, ``methods: rome`` for a list)."""
     if not isinstance(part, dict):
         raise UserError(f"{where}: expected a mapping of grid keys, got {type(part).__name__}")
-    hints = get_type_hints(Grid)
-    known = [f.name for f in fields(Grid)]
+    hints = get_type_hints(Grid)  # field name -> annotation, in field order
     unknown = [k for k in part if k not in hints]
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} "
-                        f"(known: {', '.join(known)})")
+                        f"(known: {', '.join(hints)})")
     missing = [f.name for f in fields(Grid) if f.name not in part
                and f.default is MISSING and f.default_factory is MISSING]
     if missing:

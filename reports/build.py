@@ -141,12 +141,8 @@ def _versions_table(runs: Runs) -> pd.DataFrame:
     keys = sorted({k for v, _ in sets.values() for k in v})
     cols = {}
     for i, (v, rids) in enumerate(sets.values()):
-        cols[f"set {i + 1} ({_runs_word(len(rids))})"] = [str(v.get(k, "–")) for k in keys]
+        cols[f"set {i + 1} ({tables.runs_word(len(rids))})"] = [str(v.get(k, "–")) for k in keys]
     return pd.DataFrame({"package": keys, **cols})
-
-
-def _runs_word(n: int) -> str:
-    return f"{n} run" if n == 1 else f"{n} runs"
 
 
 def _hparams_lines(runs: Runs) -> list[str]:
@@ -160,12 +156,12 @@ def _hparams_lines(runs: Runs) -> list[str]:
     lines = []
     for arm, sets in seen.items():
         (first, rids0), *others = sets.values()
-        lines.append(f"- {arm} ({_runs_word(len(rids0))}): "
+        lines.append(f"- {arm} ({tables.runs_word(len(rids0))}): "
                      f"`{json.dumps(first, sort_keys=True)}`")
         for hp, rids in others:
             diff = {k: hp.get(k, "(absent)") for k in sorted(set(first) | set(hp))
                     if first.get(k, "(absent)") != hp.get(k, "(absent)")}
-            lines.append(f"  - {arm}, {_runs_word(len(rids))} more, differing only in: "
+            lines.append(f"  - {arm}, {tables.runs_word(len(rids))} more, differing only in: "
                          f"`{json.dumps(diff, sort_keys=True)}`")
     return lines
 

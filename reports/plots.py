@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from reports import stats
 from reports.claims import PRIMARY, NotTestable, pair
 from reports.load import Runs
-from reports.tables import Table, main_table, pooled_accuracy, resampling_unit, slug
+from reports.tables import Table, main_table, pooled_accuracy, resampling_unit, runs_word, slug
 
 DPI = 130
 LINESTYLES = ["-", "--", ":", "-."]
@@ -109,8 +109,7 @@ def plot_metrics(runs: Runs, table: Table | None, directory: Path) -> Figure:
         ax.set_xlim(-2, 102)
         ax.set_xlabel("success rate (%)")
         ax.grid(axis="x", alpha=0.3)
-    ticks = [f"{row['method']} ({int(row['runs'])} run{'s' if int(row['runs']) != 1 else ''})"
-             for _, row in raw.iterrows()]
+    ticks = [f"{row['method']} ({runs_word(int(row['runs']))})" for _, row in raw.iterrows()]
     axes[0].set_yticks(y, ticks, fontsize=8)
     axes[0].set_ylim(-0.7, len(arms) - 0.3)
     fig.suptitle(f"{suite} / {model}", fontsize=10)

@@ -68,6 +68,11 @@ UNSCALED = {"efficacy_margin", "neighborhood_kl", "neighborhood_plus_kl"}
 MAX_DIAG_COLUMNS = 8
 
 
+def runs_word(n: int) -> str:
+    """``"1 run"`` / ``"n runs"`` for captions, legends and labels."""
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
 def scale_of(column: str) -> float:
     """Display scale: x100 for rates, magnitudes, fluency and consistency (ROME's
     convention); 1 for the log-probability margin and the diagnostics."""

@@ -1,34 +1,36 @@
-"""Sessions: ``tests`` (pytest), ``lint`` (ruff), ``benchmark`` (the reproduction grid, then the
-report), ``report`` (rebuild a report from run directories), ``regress`` (a variant against its
-parent, gated by ``keh compare``), ``golden`` (regenerate the golden per-case numbers),
+"""Sessions: ``tests`` (pytest), ``lint`` (ruff), ``benchmark`` (a grid, then the report),
+``smoke`` (every method on a few cases), ``docs`` (every command of the README and USAGE, run as
+written), ``report`` (rebuild a report from run directories), ``regress`` (a variant against
+its parent, gated by ``keh compare``), ``golden`` (regenerate the golden per-case numbers),
 ``perf`` (phase timings).
 
 torch is pinned first (2.13.0: a CPU build lies on the project's machines; an unpinned torch
 would pull a multi-GB CUDA build). Data comes from ``$KEH_DATA_DIR``, else ``../shared/data``
-beside the checkout, else ``./data``.
+beside the checkout, else ``./data`` (``harness/paths.py``; ``keh data list`` says which).
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import nox
 
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["tests"]
 
-ROOT = Path(__file__).parent
 TORCH = "torch==2.13.0"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def _env() -> dict[str, str]:
-    env = dict(OFFLINE)
-    if "KEH_DATA_DIR" not in os.environ:
-        shared = ROOT.parent / "shared" / "data"
-        env["KEH_DATA_DIR"] = str(shared if shared.is_dir() else ROOT / "data")
-    return env
+    """Offline: nothing is fetched from a hub at run time (the data directory is found by
+    ``harness/paths.py``, the same from nox as from a shell)."""
+    return dict(OFFLINE)
+
+
+def _with_jobs(args: list[str], jobs: int = 2) -> list[str]:
+    """``args`` plus ``--jobs N`` unless they name their own."""
+    if any(a == "--jobs" or a.startswith("--jobs=") for a in args):
+        return args
+    return [*args, "--jobs", str(jobs)]
 
 
 def _install(session: nox.Session, extras: str = "") -> None:
@@ -53,11 +55,30 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def benchmark(session: nox.Session) -> None:
-    """Run the default grid in two processes (sized for a 2-core CPU) and build the report;
-    arguments after ``--`` replace that (e.g. ``-- --grid smollm2-100 --jobs 4``)."""
+    """Run a grid in two processes (sized for a 2-core CPU) and build the report: the
+    ``default`` grid, or ``smollm2-100`` when a GPU is present; arguments after ``--`` go to
+    ``python -m harness.benchmark`` (e.g. ``-- --grid reproduce``; ``--jobs 2`` unless they
+    name their own)."""
     _install(session)
-    args = session.posargs or ["--grid", "default", "--jobs", "2"]
-    session.run("python", "-m", "harness.benchmark", *args, env=_env())
+    session.run("python", "-m", "harness.benchmark", *_with_jobs(session.posargs), env=_env())
+
+
+@nox.session
+def smoke(session: nox.Session) -> None:
+    """Every registered method on CounterFact and zsRE, a few edits each (the ``smoke`` grid):
+    does every method still run end to end? Arguments after ``--`` go to the benchmark."""
+    _install(session)
+    session.run("python", "-m", "harness.benchmark", "--grid", "smoke",
+                *_with_jobs(session.posargs), env=_env())
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The newcomer's path: every command in the README's and USAGE's code blocks, run as
+    written from a copy of the checkout (``tests/test_docs.py``)."""
+    _install(session, "[test]")
+    session.run("pytest", "-q", "-m", "slow", "tests/test_docs.py", *session.posargs,
+                env=_env())
 
 
 @nox.session
@@ -78,9 +99,10 @@ def regress(session: nox.Session) -> None:
 @nox.session
 def golden(session: nox.Session) -> None:
     """Regenerate the golden per-case numbers of every method
-    (``tests/fixtures/golden/golden.json``; review the diff). ``-- --check`` compares only."""
+    (``tests/fixtures/golden/golden.json``; review the diff). ``-- --check`` compares only;
+    other arguments go to ``python -m harness.golden`` (e.g. ``-- --methods rome,memit``)."""
     _install(session)
-    args = [] if "--check" in session.posargs else ["--write"]
+    args = session.posargs if "--check" in session.posargs else ["--write", *session.posargs]
     session.run("python", "-m", "harness.golden", *args, env=_env())
 
 

@@ -1,9 +1,7 @@
 """``nox -s benchmark``: run a declared grid of runs, skip the complete ones, then summarise.
 
-A grid is a YAML file (``harness/grids/<name>.yaml`` or any path) with lists ``models``,
-``methods``, ``suites``, ``seeds`` and scalars ``n_edits``, ``batch_size``, ``sequential``,
-``out_dir``, ``report_dir`` (and optional ``data``, a suite file, ``generation_tokens`` for the
-fluency texts, and ``hparams_overrides`` per method). ``--jobs N`` runs the grid in N processes
+A grid is a YAML file (``harness/grids/<name>.yaml`` or any path; its schema:
+:mod:`harness.grid`). ``--jobs N`` runs the grid in N processes
 at once (for a GPU that one small model leaves idle); their manifests record
 ``concurrent_jobs``, since their timings share the device.
 ``--launcher submitit`` submits the grid as submitit jobs instead (a Slurm job array after
@@ -15,131 +13,22 @@ one job that fills the caches; ``--cluster local`` runs the same jobs on this ma
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import subprocess
 import sys
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
-
-import yaml
+from typing import Any
 
 from harness import records as rec_io
 from harness.config import RunConfig
 from harness.errors import UserError
+from harness.grid import GRIDS, Grid, load_grid
+from harness.helptext import HelpFormatter
+from harness.progress import GridProgress
 
-GRIDS = Path(__file__).parent / "grids"
-
-
-@dataclass
-class Grid:
-    models: list[str]
-    methods: list[str]
-    suites: list[str]
-    seeds: list[int] = field(default_factory=lambda: [0])
-    n_edits: int = 20
-    batch_size: int = 10
-    sequential: bool = True
-    start: int = 0
-    data: str | None = None
-    eval_every: int = 0
-    downstream: list[str] = field(default_factory=list)
-    downstream_limit: int = 200
-    generation_tokens: int = 0
-    out_dir: str = "runs/benchmark"
-    report_dir: str = "reports_out/benchmark"
-    device: str = "auto"
-    dtype: str = "float32"
-    hparams_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    preset: str = "faithful"
-
-    def configs(self) -> list[RunConfig]:
-        out = []
-        for model, suite, method, seed in itertools.product(self.models, self.suites,
-                                                           self.methods, self.seeds):
-            out.append(RunConfig(
-                model=model, method=method, suite=suite, seed=seed, n_edits=self.n_edits,
-                batch_size=self.batch_size, sequential=self.sequential, start=self.start,
-                data=self.data,
-                eval_every=self.eval_every, downstream=list(self.downstream),
-                downstream_limit=self.downstream_limit,
-                generation_tokens=self.generation_tokens, out_dir=self.out_dir,
-                device=self.device, dtype=self.dtype,
-                hparams_overrides=dict(self.hparams_overrides.get(method, {})),
-                preset=self.preset))
-        return out
-
-
-def load_grid(name_or_path: str) -> list[Grid]:
-    """A grid file holds one grid (a mapping) or several (a list of mappings: their union,
-    e.g. more seeds for some methods than for others)."""
-    path = Path(name_or_path)
-    if not path.exists():
-        path = GRIDS / f"{name_or_path}.yaml"
-    if not path.exists():
-        known = ", ".join(p.stem for p in GRIDS.glob("*.yaml"))
-        raise UserError(f"no grid {name_or_path!r} (known: {known}; or give a YAML path)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"grid {path}: not valid YAML ({' '.join(str(exc).split())})") from exc
-    parts = data if isinstance(data, list) else [data]
-    grids = []
-    for i, part in enumerate(parts):
-        where = f"grid {path}" + (f", part {i + 1} of {len(parts)}" if len(parts) > 1 else "")
-        _check_part(part, where)
-        grid = Grid(**part)
-        for cfg in grid.configs():
-            try:
-                cfg.validate()
-            except UserError as exc:
-                raise UserError(f"{where} ({cfg.method} / {cfg.suite} / seed {cfg.seed}): "
-                                f"{exc}") from exc
-        grids.append(grid)
-    return grids
-
-
-def _kind_ok(value: Any, kind: Any) -> bool:
-    """Whether a YAML value fits a field annotation of :class:`Grid` (bool is not an int)."""
-    origin, args = get_origin(kind), get_args(kind)
-    if origin is list:
-        return isinstance(value, list) and all(_kind_ok(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(
-            _kind_ok(k, args[0]) and _kind_ok(v, args[1]) for k, v in value.items())
-    if args:  # a union such as str | None
-        return any(_kind_ok(value, a) for a in args)
-    if kind is Any:
-        return True
-    if kind is type(None):
-        return value is None
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _check_part(part: Any, where: str) -> None:
-    """One line for a grid entry that is not a mapping, has unknown or missing keys, or a value
-    of the wrong type (e.g. ``n_edits: ten``, ``methods: rome`` for a list)."""
-    if not isinstance(part, dict):
-        raise UserError(f"{where}: expected a mapping of grid keys, got {type(part).__name__}")
-    hints = get_type_hints(Grid)  # field name -> annotation, in field order
-    unknown = [k for k in part if k not in hints]
-    if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} "
-                        f"(known: {', '.join(hints)})")
-    missing = [f.name for f in fields(Grid) if f.name not in part
-               and f.default is MISSING and f.default_factory is MISSING]
-    if missing:
-        raise UserError(f"{where}: missing key(s) {', '.join(missing)}")
-    for key, value in part.items():
-        if not _kind_ok(value, hints[key]):
-            kind = hints[key]
-            shown = (str(kind) if get_origin(kind) else kind.__name__).replace("typing.", "")
-            raise UserError(f"{where}: {key}: expected {shown}, got {value!r}")
-
+__all__ = ["GRIDS", "Grid", "load_grid", "main"]
 
 def is_complete(run_dir: Path) -> bool:
     m = run_dir / rec_io.MANIFEST
@@ -172,10 +61,20 @@ def _set_aside(run_dir: Path) -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m harness.benchmark")
-    ap.add_argument("--grid", default="default")
-    ap.add_argument("--out", default=None, help="override the grid's out_dir")
+#: the grid without --grid: CPU / GPU
+DEFAULT_GRID, GPU_GRID = "default", "smollm2-100"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m harness.benchmark",
+                                 description="Run a grid of runs (complete ones are skipped, "
+                                             "killed ones continued), print the results and "
+                                             "build the report; nox -s benchmark runs it.",
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--grid", default=None,
+                    help=f"a grid of harness/grids/ by name, or a YAML path (default: "
+                         f"{DEFAULT_GRID}, or {GPU_GRID} when a GPU is present)")
+    ap.add_argument("--out", default=None, help="override the grid's out")
     ap.add_argument("--report-dir", default=None, help="override the grid's report_dir")
     ap.add_argument("--no-report", action="store_true", help="only run the grid")
     ap.add_argument("--device", default=None, help="override the grid's device")
@@ -185,48 +84,87 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=None,
                     help="comma-separated: run only these methods of the grid")
     ap.add_argument("--seeds", default=None, help="comma-separated: run only these seeds")
+    ap.add_argument("--n-edits", type=int, default=None,
+                    help="every run edits at most its first N cases (a quick check that each "
+                         "cell runs; other run ids than the full grid's)")
+    ap.add_argument("--progress-every", type=float, default=60.0,
+                    help="seconds between overall progress lines while --jobs workers run")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "I/N", used by --jobs
     sub = ap.add_argument_group("launcher (harness/launch.py)")
     sub.add_argument("--launcher", choices=("local", "submitit"), default="local",
-                     help="local: this process and --jobs workers (default); submitit: one "
-                          "job per run (a Slurm job array after a cache warm-up job)")
+                     help="local: this process and --jobs workers; submitit: one job per run "
+                          "(a Slurm job array after a cache warm-up job)")
     sub.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm",
                      help="submitit executor (local: jobs on this machine; debug: in-process)")
     sub.add_argument("--partition", default=None, help="Slurm partition")
-    sub.add_argument("--gpus-per-task", type=int, default=0, help="GPUs per job (default 0)")
+    sub.add_argument("--gpus-per-task", type=int, default=0, help="GPUs per job")
     sub.add_argument("--cpus-per-task", type=int, default=None,
                      help="CPU cores per job (also its torch threads)")
     sub.add_argument("--max-parallel", type=int, default=8,
-                     help="runs at once (the Slurm array's %%K; default 8)")
+                     help="runs at once (the Slurm array's %%K)")
     sub.add_argument("--timeout-min", type=int, default=24 * 60,
                      help="time limit per job in minutes (a job that reaches it is requeued "
-                          "and continues; default 1440)")
+                          "and continues)")
     sub.add_argument("--log-dir", default=None,
                      help="submitit's job files and logs (default <out>/.submitit; on Slurm a "
                           "directory every node sees)")
     sub.add_argument("--no-wait", action="store_true",
                      help="Slurm: submit and return (report later with keh report)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def choose_grid(name: str | None) -> tuple[str, str | None]:
+    """The grid to run and, when none was named, a line saying which and why."""
+    if name is not None:
+        return name, None
+    import torch
+
+    if torch.cuda.is_available():
+        return GPU_GRID, (f"grid: {GPU_GRID} (no --grid given and a GPU is present: the "
+                          f"100-case comparison of every method at 3 seeds)")
+    return DEFAULT_GRID, (f"grid: {DEFAULT_GRID} (no --grid given and no GPU; with a GPU the "
+                          f"default is {GPU_GRID})")
+
+
+def select(configs: list[RunConfig], args: argparse.Namespace) -> list[RunConfig]:
+    """``configs`` filtered by ``--methods`` / ``--seeds`` and cut by ``--n-edits``."""
+    if args.methods:
+        keep = set(args.methods.split(","))
+        unknown = keep - {c.method for c in configs}
+        if unknown:
+            raise UserError(f"--methods: {sorted(unknown)} not in grid {args.grid}")
+        configs = [c for c in configs if c.method in keep]
+    if args.seeds:
+        seeds = {int(x) for x in args.seeds.split(",")}
+        configs = [c for c in configs if c.seed in seeds]
+    if args.n_edits is not None:
+        if args.n_edits < 1:
+            raise UserError(f"--n-edits must be at least 1 (got {args.n_edits})")
+        for c in configs:
+            c.n_edits = min(c.n_edits, args.n_edits)
+    return configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     from harness import launch
 
     try:
+        args.grid, note = choose_grid(args.grid)
+        if note and not args.shard:
+            print(note)
+            argv += ["--grid", args.grid]  # workers run the same grid
         grids = load_grid(args.grid)
         configs = []
         for grid in grids:
             if args.out:
-                grid.out_dir = args.out
+                grid.out = args.out
             if args.device:
                 grid.device = args.device
             configs += [c for c in grid.configs() if c not in configs]
-        if args.methods:
-            keep = set(args.methods.split(","))
-            unknown = keep - {c.method for c in configs}
-            if unknown:
-                raise UserError(f"--methods: {sorted(unknown)} not in grid {args.grid}")
-            configs = [c for c in configs if c.method in keep]
-        if args.seeds:
-            seeds = {int(x) for x in args.seeds.split(",")}
-            configs = [c for c in configs if c.seed in seeds]
+        configs = select(configs, args)
+        progress = GridProgress(configs, jobs=args.jobs)
         if args.launcher == "submitit":
             if args.jobs > 1:
                 raise UserError("--jobs is for --launcher local; with submitit use "
@@ -243,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             if pending:
                 warm_caches(pending)
         if args.jobs > 1:
-            _run_jobs(argv if argv is not None else sys.argv[1:], args.jobs)
+            print(progress.line(), flush=True)
+            _run_jobs(argv, args.jobs, lambda: print(progress.line(), flush=True),
+                      args.progress_every)
             args.shard = None
         elif args.shard:
             index, total = (int(x) for x in args.shard.split("/"))
@@ -259,17 +199,45 @@ def main(argv: list[str] | None = None) -> int:
             lm_for = launch.model_loader()
             for i, cfg in enumerate(configs):
                 prefix = f"[{i + 1}/{len(configs)}]"
+                if not args.shard:
+                    print(progress.line(), flush=True)
                 launch.run_cell(cfg, log=lambda s, p=prefix: print(f"{p} {s}"), lm_for=lm_for)
-        print_table(run_dirs)
-        if not args.no_report:
-            from reports.build import build_report
-
-            index = build_report(run_dirs, Path(args.report_dir or grids[0].report_dir))
-            print(f"report: {index}")
+        if not args.shard:
+            print(progress.line())
+            finish(run_dirs, args.grid, None if args.no_report
+                   else Path(args.report_dir or grids[0].report_dir))
     except UserError as exc:
         print(f"keh: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def finish(run_dirs: list[Path], grid: str, report_dir: Path | None) -> None:
+    """Print the final table, the headline contrasts and, for the reproduction grid, the
+    verdicts; write the report (and its ``headline.md``) unless ``report_dir`` is None."""
+    from harness import console, headline, reproduce
+
+    if not run_dirs:
+        print("no run of the grid is left after --methods/--seeds: nothing to show")
+        return
+    print()
+    print(console.summary(run_dirs))
+    rows = headline.headline_rows(run_dirs)
+    text = headline.headline_markdown(rows)
+    if text:
+        print(text)
+    if Path(grid).stem == reproduce.GRID:
+        print("\n".join(reproduce.verdict_lines(run_dirs)) + "\n")
+    if report_dir is not None:
+        from reports.build import build_report
+
+        index = build_report(run_dirs, report_dir)
+        if text:
+            (report_dir / "headline.md").write_text(text, encoding="utf-8")
+        print(f"report: {index} (every table with its intervals, the paired comparisons and "
+              f"the claims of docs/METAKE.md" + (f"; headline contrasts: "
+                                                 f"{report_dir / 'headline.md'}" if text
+                                                 else "") + ")")
 
 
 def needs_warm(cfg: RunConfig) -> bool:
@@ -335,9 +303,11 @@ def warm_caches(configs: list[RunConfig]) -> None:
         del lm
 
 
-def _run_jobs(argv: list[str], jobs: int) -> None:
-    """Run the grid as ``jobs`` shard processes (configs i, i+jobs, ...) and wait for them;
-    each gets an equal share of the CPU threads unless ``OMP_NUM_THREADS`` is set."""
+def _run_jobs(argv: list[str], jobs: int, tick: Callable[[], None] | None = None,
+              every: float = 60.0) -> None:
+    """Run the grid as ``jobs`` shard processes (configs i, i+jobs, ...) and wait for them,
+    calling ``tick`` every ``every`` seconds meanwhile; each gets an equal share of the CPU
+    threads unless ``OMP_NUM_THREADS`` is set."""
     base: list[str] = []
     skip_value = False
     for a in argv:  # the worker's arguments: the parent's without "--jobs N" / "--jobs=N"
@@ -353,27 +323,17 @@ def _run_jobs(argv: list[str], jobs: int) -> None:
         base.append("--no-report")
     procs = [subprocess.Popen([sys.executable, "-m", "harness.benchmark", *base,
                                "--shard", f"{i}/{jobs}"], env=env) for i in range(jobs)]
-    codes = [p.wait() for p in procs]
+    codes = []
+    for p in procs:
+        while True:
+            try:
+                codes.append(p.wait(timeout=every))
+                break
+            except subprocess.TimeoutExpired:
+                if tick is not None:
+                    tick()
     if any(codes):
         raise UserError(f"benchmark workers exited with {codes}")
-
-
-def print_table(run_dirs: list[Path]) -> None:
-    import pandas as pd
-
-    rows = []
-    for d in run_dirs:
-        m = json.loads((d / rec_io.MANIFEST).read_text())
-        rows.append({"suite": m["config"]["suite"], "method": m["method"],
-                     "model": m["config"]["model"], "seed": m["seed"],
-                     "overrides": json.dumps(m["config"].get("hparams_overrides") or {}),
-                     **m.get("summary", {}),
-                     "time_per_edit_s": m.get("timings", {}).get("time_per_edit_s")})
-    frame = pd.DataFrame(rows)
-    try:
-        print(frame.to_markdown(index=False, floatfmt=".2f"))
-    except ImportError:  # tabulate missing
-        print(frame.to_string(index=False, float_format="%.2f"))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ class Corpus:
 
 
 def default_corpus_path() -> Path:
-    """``$KEH_DATA_DIR/wikitext-2/valid.txt`` (data dir as for the suites: else ``./data``)."""
+    """``<data dir>/wikitext-2/valid.txt`` (the data dir of :func:`harness.paths.data_dir`)."""
     return data_dir() / DEFAULT_CORPUS
 
 
@@ -112,10 +112,11 @@ def resolve_corpus(corpus: str | Path | None = None) -> Corpus:
         path = default_corpus_path()
         if not path.is_file():
             raise UserError(
-                f"default statistics corpus {path} not found (it is "
-                f"$KEH_DATA_DIR/{DEFAULT_CORPUS.as_posix()}; KEH_DATA_DIR="
-                f"{os.environ.get('KEH_DATA_DIR', '<unset>')}); set KEH_DATA_DIR or pass a "
-                f"text file or 'hf:<name>[:config][:split]' as the corpus"
+                f"default statistics corpus {path} not found (it is <data dir>/"
+                f"{DEFAULT_CORPUS.as_posix()}; KEH_DATA_DIR="
+                f"{os.environ.get('KEH_DATA_DIR', '<unset>')}); run `keh data fetch wikitext`, "
+                f"set KEH_DATA_DIR, or pass a text file or 'hf:<name>[:config][:split]' as the "
+                f"corpus"
             )
     else:
         path = Path(corpus).expanduser()

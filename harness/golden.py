@@ -179,8 +179,11 @@ def load_golden(path: Path = GOLDEN) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.golden", description=__doc__.split(
         "\n")[0])
-    ap.add_argument("--write", action="store_true",
-                    help=f"regenerate {GOLDEN.relative_to(ROOT)} (else: check against it)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true",
+                      help=f"regenerate {GOLDEN.relative_to(ROOT)}")
+    mode.add_argument("--check", action="store_true",
+                      help="compare with the recorded numbers (the default)")
     ap.add_argument("--methods", default=None,
                     help="comma-separated subset (with --write: regenerate only these cells; "
                          "the document then lists them under 'regenerated')")

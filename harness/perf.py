@@ -44,7 +44,7 @@ def measure(model: str, device: str, dtype: str, methods: list[str], n_cases: in
             batch_size: int | list[int], stats_tokens: int, data: str | None
             ) -> dict[str, Any]:
     """``batch_size``: one size, or several: each method is then timed on one batch of each
-    (phases ``edit:<method>@<size>``; issue 17 asks that time per edit at 100 be no worse than
+    (phases ``edit:<method>@<size>``; the target: time per edit at 100 no worse than
     at 10)."""
     from methods import get_method
     from methods.base import load_hparams

@@ -17,32 +17,37 @@ from pathlib import Path
 from harness.cli import _names, _override, one_line
 from harness.config import RunConfig
 from harness.errors import UserError
+from harness.helptext import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m harness.regress", description=__doc__.split(
-        "\n")[0])
+        "\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--method", required=True, help="the candidate (a registered method)")
     ap.add_argument("--against", default="alphaedit", help="the baseline method")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--suite", default="counterfact")
-    ap.add_argument("--n-edits", type=int, default=50)
-    ap.add_argument("--batch-size", type=int, default=10)
+    ap.add_argument("--model", default="smollm2-135m", help="model of both sides")
+    ap.add_argument("--suite", default="counterfact", help="counterfact or zsre")
+    ap.add_argument("--n-edits", type=int, default=50, help="cases each side edits")
+    ap.add_argument("--batch-size", type=int, default=10, help="edits per batch")
+    ap.add_argument("--sequential", action="store_true",
+                    help="accumulate edits across batches, as keh run --sequential (default: "
+                         "batch mode, as keh run: every case an independent unit of the gate)")
     ap.add_argument("--no-sequential", dest="sequential", action="store_false",
-                    help="batch editing (weights restored after each batch) instead of "
-                         "sequential")
+                    help=argparse.SUPPRESS)  # the old spelling of the default
     ap.add_argument("--seeds", default="0", help="comma-separated seeds, run on both sides")
     ap.add_argument("--preset", choices=("faithful", "tuned"), default="faithful",
                     help="hparams preset of both sides")
     ap.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                     metavar="KEY=VALUE", help="candidate hparam override (repeatable)")
     ap.add_argument("--hparams", default=None, help="candidate hparams YAML")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="runs/regress", help="where both sides' runs go")
+    ap.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda[:N]")
+    ap.add_argument("--out-dir", "--out", dest="out", default="runs/regress", metavar="DIR",
+                    help="where both sides' runs go (--out is the old name)")
     ap.add_argument("--metrics", default=None, help="passed to keh compare")
     ap.add_argument("--margin", action="append", default=[], help="passed to keh compare")
-    ap.add_argument("--alpha", type=float, default=0.05)
-    ap.add_argument("--require-noninferiority", action="store_true")
+    ap.add_argument("--alpha", type=float, default=0.05, help="passed to keh compare")
+    ap.add_argument("--require-noninferiority", action="store_true",
+                    help="passed to keh compare")
     ap.add_argument("--json", default=None, help="write the comparison as JSON")
     return ap
 

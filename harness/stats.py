@@ -607,27 +607,44 @@ def selected_records(corpus: str | Path | None, n_records: int, unit: str = "rec
     return idx, [texts[i] for i in idx], len(texts)
 
 
+def build_parser() -> Any:
+    """The command line of :func:`main` (option names as the hparams keys: ``stats_*``)."""
+    import argparse
+
+    from harness.helptext import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="python -m harness.stats", description=main.__doc__,
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="as keh run --model")
+    ap.add_argument("--layers", required=True, type=lambda v: [int(x) for x in v.split(",")],
+                    help="comma-separated layer indices")
+    # the hparams keys' names (stats_*), the older short names kept as aliases
+    ap.add_argument("--stats-sampling", "--sampling", dest="sampling", default="records",
+                    help="/".join(SAMPLING_MODES))
+    ap.add_argument("--stats-records", "--records", dest="records", type=int, default=200,
+                    help="records (records/lines modes)")
+    ap.add_argument("--stats-tokens", "--tokens", dest="tokens", type=int, default=100_000,
+                    help="tokens (tokens mode)")
+    ap.add_argument("--stats-seq-len", "--seq-len", dest="seq_len", type=int, default=256,
+                    help="chunk length (tokens mode)")
+    ap.add_argument("--stats-corpus", "--corpus", dest="corpus", default=None,
+                    help="text file or hf:<name>[:config][:split] (default: WikiText-2 "
+                         "validation in the data directory)")
+    ap.add_argument("--device", default="auto", help="as keh run --device")
+    ap.add_argument("--dtype", default="float32", help="as keh run --dtype")
+    ap.add_argument("--out", default=None, help="safetensors file for the C0 matrices")
+    ap.add_argument("--records-out", default=None, help="JSON file for the record texts used")
+    return ap
+
+
 def main(argv: Sequence[str] | None = None, lm: LoadedModel | None = None) -> int:
     """``python -m harness.stats --model M --layers 4,5 [--sampling records --records 200]
     [--corpus FILE] [--out C0.safetensors] [--records-out records.json]``: compute (or read
     from the cache) C0 of the layers and write them as ``C0.<layer>`` tensors with the
     provenance as metadata; ``--records-out`` writes the record texts used as JSON."""
-    import argparse
-
     from harness.models import load_model
 
-    ap = argparse.ArgumentParser(prog="python -m harness.stats", description=main.__doc__)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--layers", required=True, type=lambda v: [int(x) for x in v.split(",")])
-    ap.add_argument("--sampling", default="records", help="/".join(SAMPLING_MODES))
-    ap.add_argument("--records", type=int, default=200, help="records (records/lines modes)")
-    ap.add_argument("--tokens", type=int, default=100_000, help="tokens (tokens mode)")
-    ap.add_argument("--seq-len", type=int, default=256, help="chunk length (tokens mode)")
-    ap.add_argument("--corpus", default=None, help="text file or hf:<name>[:config][:split]")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--out", default=None, help="safetensors file for the C0 matrices")
-    ap.add_argument("--records-out", default=None, help="JSON file for the record texts used")
+    ap = build_parser()
     args = ap.parse_args(argv)
     try:
         check_sampling(args.sampling)

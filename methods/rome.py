@@ -26,7 +26,7 @@ A batch of several requests is applied as consecutive single edits (ROME has no 
   (diagnostic ``written`` = 0). This is what the AlphaEdit repository's sequential loop does to
   ROME: its ``evaluate.py`` passes each chunk of ``num_edits`` requests, and its
   ``apply_rome_to_model`` keeps ``request[0]``. Offered only to reproduce ROME rows produced by
-  that loop (issue 13's original run); it is not the ROME algorithm.
+  that loop (methods/hparams/README.md measures it); it is not the ROME algorithm.
 """
 
 from __future__ import annotations

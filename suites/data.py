@@ -31,7 +31,8 @@ def find_data_file(suite: str, candidates: list[str], canonical_url: str,
     looked = ", ".join(str(root / c) for c in candidates)
     raise UserError(
         f"no data file for suite {suite!r}: looked for {looked} (data dir from --data-dir, "
-        f"KEH_DATA_DIR or ./data). Get it from {canonical_url} or pass --data PATH"
+        f"$KEH_DATA_DIR, ../shared/data beside the checkout, else ./data). Run `keh data fetch "
+        f"{suite}` (canonical file: {canonical_url}), or pass --data PATH"
     )
 
 

@@ -72,8 +72,9 @@ def check_tasks(tasks: Sequence[str], data_dir: str | Path, num_fewshot: int) ->
         if t in LOCAL_TASKS:
             path = Path(data_dir) / LOCAL_TASKS[t]
             if not path.is_file():
-                raise UserError(f"downstream task {t!r} needs {path}; set --data-dir or "
-                                f"KEH_DATA_DIR to the data directory")
+                raise UserError(f"downstream task {t!r} needs {path}; run `keh data fetch "
+                                f"downstream`, or set --data-dir or KEH_DATA_DIR to the data "
+                                f"directory")
             if num_fewshot > N_FEWSHOT_POOL:
                 raise UserError(f"--downstream-fewshot {num_fewshot}: task {t!r} reserves only "
                                 f"{N_FEWSHOT_POOL} few-shot examples")

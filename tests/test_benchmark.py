@@ -72,8 +72,9 @@ def test_filters_and_unknown_method(tmp_path, shared_data, monkeypatch, capsys):
 
 
 def test_shipped_grids_load():
-    for name in ("default", "smollm2-100", "long-smollm2", "smollm2-sweep", "paper",
-                 "paper-smollm2", "paper-gemma3", "stream-smollm2"):
+    from harness.grid import GRIDS
+
+    for name in sorted(p.stem for p in GRIDS.glob("*.yaml")):
         configs = [c for g in load_grid(name) for c in g.configs()]
         assert configs, name
         assert len({c.default_run_id() for c in configs}) == len(configs), name
@@ -92,7 +93,7 @@ def test_shipped_grids_load():
     # their own unedited reference)
     from methods import METHODS
 
-    for name, expected in (("default", set(METHODS)), ("smollm2-100", set(METHODS)),
+    for name, expected in (("smoke", set(METHODS)), ("smollm2-100", set(METHODS)),
                            ("paper-smollm2", set(METHODS) - {"noop"}),
                            ("paper-gemma3", set(METHODS) - {"noop"})):
         for suite in ("counterfact", "zsre") if name != "smollm2-100" else ("counterfact",):

@@ -1,0 +1,151 @@
+"""What ``nox -s benchmark`` prints (no model): the grid it picks without ``--grid``, the
+overall progress line, the final table, the headline contrasts and the reproduction verdicts.
+Runs are synthetic run directories (``tests/test_reports_build.make_run``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+
+from harness import benchmark, console, headline, progress, reproduce
+from harness.checkpoint import CHECKPOINT_DIR, PROGRESS
+from harness.config import RunConfig
+from tests.test_reports_build import make_run
+
+
+@pytest.fixture
+def batch_runs(tmp_path) -> list[Path]:
+    """noop, MEMIT, AlphaEdit and MetaKE in batch mode (the case is the unit), 24 cases."""
+    gains = {"noop": -1.5, "memit": 0.5, "alphaedit": 1.0, "metake": 2.5}
+    dirs = [make_run(tmp_path, m, sequential=False, margin_gain=g) for m, g in gains.items()]
+    for i, d in enumerate(dirs):  # phase timings: 3, 4, 5, 6 minutes in all
+        m = json.loads((d / "manifest.json").read_text())
+        m["timings"].update({"load_model_s": 90.0, "edit_s": 60.0 * (i + 1),
+                             "evaluate_s": 30.0})
+        (d / "manifest.json").write_text(json.dumps(m))
+    return dirs
+
+
+def column(d: Path, name: str) -> np.ndarray:
+    lines = (d / "records.jsonl").read_text().splitlines()
+    return np.array([json.loads(line)[name] for line in lines], dtype=float)
+
+
+def test_headline_contrasts_are_the_paired_tests_at_the_case(batch_runs):
+    rows = headline.headline_rows(batch_runs)
+    assert [(r["contrast"], r["metric"]) for r in rows] == [
+        (c, m) for c in ("metake - noop", "alphaedit - noop", "memit - noop",
+                         "metake - alphaedit") for m in ("Eff", "Gen")]
+    by_name = {d.name.split("_")[1]: d for d in batch_runs}
+    p_raw = []
+    for r in rows:
+        a, b = (by_name[x] for x in r["contrast"].split(" - "))
+        col = {"Eff": "efficacy_success", "Gen": "paraphrase_success"}[r["metric"]]
+        x, y = column(a, col), column(b, col)
+        assert r["effect"] == pytest.approx(100 * (x.mean() - y.mean()), abs=1e-9)
+        n10, n01 = int(np.sum((x == 1) & (y == 0))), int(np.sum((x == 0) & (y == 1)))
+        p = mcnemar([[0, n10], [n01, 0]], exact=True).pvalue if n10 + n01 else 1.0
+        assert (r["test"], r["p"]) == ("mcnemar", pytest.approx(p))
+        assert r["unit"] == "case (24; one seed: conditional on the run)"
+        assert r["lo"] <= r["effect"] <= r["hi"] and r["mde"] >= 0
+        p_raw.append(p)
+    holm = multipletests(p_raw, method="holm")[1]
+    assert [r["p_holm"] for r in rows] == pytest.approx(list(holm))
+    assert [r["verdict"] for r in rows] == ["shown" if p < 0.05 else "not shown" for p in holm]
+    table = [cells(x) for x in headline.headline_markdown(rows).splitlines() if x.startswith("| ")]
+    assert table[0][:5] == ["suite / model", "contrast", "metric", "difference [95% CI]", "MDE"]
+    assert table[1][:3] == ["counterfact / toy [legacy]", "metake - noop", "Eff"]
+    assert table[1][3] == f"{rows[0]['effect']:+.1f} [{rows[0]['lo']:+.1f}, {rows[0]['hi']:+.1f}]"
+
+
+def test_final_table_names_the_report_columns_and_each_run_time(batch_runs, tmp_path):
+    zsre = make_run(tmp_path / "z", "alphaedit", suite="zsre", sequential=False)
+    recs = [json.loads(x) for x in (zsre / "records.jsonl").read_text().splitlines()]
+    for r in recs:  # zsRE records also hold efficacy_success (0 by construction): not shown
+        r.update({"efficacy_accuracy": 0.75, "paraphrase_accuracy": 0.5,
+                  "specificity_accuracy": 0.25, "efficacy_success": 0.0})
+    (zsre / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = console.summary([*batch_runs, zsre])
+    lines = text.splitlines()
+    assert lines[0] == ("counterfact / toy: mean over cases and seeds, x100, with 95% "
+                        "interval; unit: cases (24; batch mode)")
+    assert cells(lines[2]) == ["method", "seeds", "cases", "Eff", "Gen", "Spe", "Score",
+                               "time per run"]
+    z = lines.index("zsre / toy: mean over cases and seeds, x100, with 95% interval; unit: "
+                    "cases (24; batch mode)")
+    rows = {cells(line)[0]: cells(line) for line in lines[:z] if line.startswith("| ")}
+    eff = 100 * column(batch_runs[0], "efficacy_success").mean()
+    assert rows["noop [legacy]"][3].startswith(f"{eff:.1f} [")
+    assert [rows[f"{m} [legacy]"][-1] for m in ("noop", "memit", "alphaedit", "metake")] == [
+        "3 min", "4 min", "5 min", "6 min"]
+    assert cells(lines[z + 2]) == ["method", "seeds", "cases", "Eff", "Gen", "Spe",
+                                   "time per run"]
+    assert cells(lines[z + 4])[3:6] == ["75.0 [75.0, 75.0]", "50.0 [50.0, 50.0]",
+                                        "25.0 [25.0, 25.0]"]
+    assert "efficacy_success" not in text and "nan" not in text
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_progress_line_counts_runs_and_edits_and_scales_the_eta(tmp_path):
+    cfgs = [RunConfig(method=m, n_edits=10, batch_size=2, out_dir=str(tmp_path))
+            for m in ("rome", "alphaedit", "metake", "noop")]
+
+    def complete(cfg: RunConfig) -> None:
+        progress.run_dir(cfg).mkdir()
+        (progress.run_dir(cfg) / "manifest.json").write_text(json.dumps({"status": "complete"}))
+
+    complete(cfgs[0])  # complete before the grid started: counted as done, not as work done
+    now = [100.0]
+    bar = progress.GridProgress(cfgs, jobs=2, clock=lambda: now[0])
+    w = [progress.weight(c) for c in cfgs]
+    assert bar.line() == (f"grid: 1/4 runs, 10/40 edits, 0 s spent, about "
+                          f"{progress.minutes(sum(w[1:]) / 2)} left (CPU estimate from the "
+                          f"measured seconds per edit)")
+    complete(cfgs[1])
+    half = progress.run_dir(cfgs[2]) / CHECKPOINT_DIR
+    half.mkdir(parents=True)
+    (half / PROGRESS).write_text(json.dumps({"batches_done": 2}))
+    now[0] += 600.0
+    spent, rest = w[1] + w[2] * 4 / 10, w[2] * 6 / 10 + w[3]
+    assert bar.line() == (f"grid: 2/4 runs, 24/40 edits, 10 min spent, about "
+                          f"{progress.minutes(600.0 * rest / spent)} left")
+
+
+def test_without_a_grid_a_gpu_picks_smollm2_100_and_says_so(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert benchmark.main(["--methods", "nosuch", "--no-report"]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == ("grid: smollm2-100 (no --grid given and a GPU is present: "
+                                   "the 100-case comparison of every method at 3 seeds)")
+    assert "--methods: ['nosuch'] not in grid smollm2-100" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert benchmark.choose_grid(None)[0] == "default"
+    assert benchmark.choose_grid("smoke") == ("smoke", None)
+
+
+def test_reproduction_verdicts(tmp_path):
+    runs = []
+    # at the intervals' edges: 84 <= 84.16, 72 > 71.82, 55 >= 54.24; 62 < 62.51, 60 <= 60.58
+    for method, summary in (("alphaedit", (0.84, 0.72, 0.55)), ("rome", (0.62, 0.56, 0.60))):
+        d = tmp_path / method
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps({"config": {"method": method}, "summary": {
+            "efficacy_success": summary[0], "paraphrase_success": summary[1],
+            "neighborhood_success": summary[2]}}))
+        runs.append(d)
+    lines = reproduce.verdict_lines(runs)
+    assert lines[-2:] == [
+        "| alphaedit | 84 / 77 [67.8, 84.2] inside | 72 / 63 [53.2, 71.8] OUTSIDE | "
+        "55 / 64 [54.2, 72.7] inside | 1 of 3 outside the original's interval |",
+        "| rome | 62 / 72 [62.5, 79.9] OUTSIDE | 56 / 65 [55.3, 73.6] inside | "
+        "60 / 51 [41.3, 60.6] inside | 1 of 3 outside the original's interval |"]

@@ -1,0 +1,72 @@
+"""The grid schema (:mod:`harness.grid`): every ``keh run`` option is a grid key with the same
+name and default, old key names still work, and the shipped paper grid's dtypes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from harness.config import RunConfig
+from harness.errors import UserError
+from harness.grid import ALIASES, AXES, NOT_IN_GRIDS, Grid, load_grid
+
+BASE = {"models": ["random:llama-tiny"], "methods": ["rome", "ft"], "suites": ["zsre"]}
+
+
+def write(tmp_path, part):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(part))
+    return str(path)
+
+
+def test_every_run_option_is_a_grid_key_with_its_default():
+    grid_keys = {f.name for f in dataclasses.fields(Grid)}
+    per_run = {"out_dir": "out", "hparams": "hparams", "hparams_overrides": "set"}
+    defaults = Grid(**BASE)
+    for f in dataclasses.fields(RunConfig):
+        if f.name in AXES:
+            assert AXES[f.name] in grid_keys
+        elif f.name not in NOT_IN_GRIDS and f.name not in per_run:
+            assert f.name in grid_keys, f.name
+            assert getattr(defaults, f.name) == getattr(RunConfig(), f.name), f.name
+    cfg = defaults.configs()[0]
+    assert dataclasses.replace(cfg, model="smollm2-135m", method="noop", suite="counterfact",
+                               out_dir="runs") == RunConfig()
+
+
+def test_a_grid_sets_each_run_option(tmp_path):
+    cfgs = [c for g in load_grid(write(tmp_path, {
+        **BASE, "answer_tokens": 4, "zsre_target": "alt", "fluency_decoding": "greedy",
+        "downstream_fewshot": 2, "eval_batch_size": 8, "dtype": "bfloat16",
+        "hparams": {"rome": "my-rome.yaml"}, "set": {"ft": {"layers": [1]}},
+        "out": "somewhere"})) for c in g.configs()]
+    rome, ft = cfgs
+    for c in cfgs:
+        assert (c.answer_tokens, c.zsre_target, c.fluency_decoding, c.downstream_fewshot,
+                c.eval_batch_size, c.dtype, c.out_dir) == (4, "alt", "greedy", 2, 8,
+                                                            "bfloat16", "somewhere")
+    assert (rome.method, rome.hparams, rome.hparams_overrides) == ("rome", "my-rome.yaml", {})
+    assert (ft.method, ft.hparams, ft.hparams_overrides) == ("ft", None, {"layers": [1]})
+
+
+def test_old_key_names_are_aliases(tmp_path):
+    new = [c for g in load_grid(write(tmp_path, {**BASE, "out": "o", "set": {"ft": {"a": 1}}}))
+           for c in g.configs()]
+    old = [c for g in load_grid(write(tmp_path, {**BASE, "out_dir": "o",
+                                                 "hparams_overrides": {"ft": {"a": 1}}}))
+           for c in g.configs()]
+    assert old == new and ALIASES == {"out_dir": "out", "hparams_overrides": "set"}
+    with pytest.raises(UserError, match="out_dir and out name the same setting; keep out"):
+        load_grid(write(tmp_path, {**BASE, "out": "o", "out_dir": "p"}))
+
+
+def test_per_method_keys_must_name_a_method_of_the_grid(tmp_path):
+    with pytest.raises(UserError, match=r"hparams/set name method\(s\) memit that are not in"):
+        load_grid(write(tmp_path, {**BASE, "set": {"memit": {"layers": [1]}}}))
+
+
+def test_paper_grid_runs_the_large_models_in_bfloat16():
+    dtypes = {c.model: c.dtype for g in load_grid("paper") for c in g.configs()}
+    assert dtypes == {"gpt2-xl": "float32", "gpt-j-6b": "bfloat16", "llama3-8b": "bfloat16"}

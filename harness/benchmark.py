@@ -26,7 +26,7 @@ from harness.config import RunConfig
 from harness.errors import UserError
 from harness.grid import GRIDS, Grid, load_grid
 from harness.helptext import HelpFormatter
-from harness.progress import GridProgress
+from harness.progress import GridProgress, balanced_shard
 
 __all__ = ["GRIDS", "Grid", "load_grid", "main"]
 
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             pending = [c for c in configs if needs_run(c)]
             if pending:
                 warm_caches(pending)
+        progress.runs_begin()
         if args.jobs > 1:
             print(progress.line(), flush=True)
             _run_jobs(argv, args.jobs, lambda: print(progress.line(), flush=True),
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             args.shard = None
         elif args.shard:
             index, total = (int(x) for x in args.shard.split("/"))
-            configs = configs[index::total]
+            configs = balanced_shard(configs, index, total)
             args.no_report = True
         run_dirs = [Path(c.out_dir) / c.default_run_id() for c in configs]
         if args.jobs > 1 or args.launcher == "submitit":  # workers or jobs ran them
@@ -305,7 +306,8 @@ def warm_caches(configs: list[RunConfig]) -> None:
 
 def _run_jobs(argv: list[str], jobs: int, tick: Callable[[], None] | None = None,
               every: float = 60.0) -> None:
-    """Run the grid as ``jobs`` shard processes (configs i, i+jobs, ...) and wait for them,
+    """Run the grid as ``jobs`` shard processes (:func:`harness.progress.balanced_shard`) and
+    wait for them,
     calling ``tick`` every ``every`` seconds meanwhile; each gets an equal share of the CPU
     threads unless ``OMP_NUM_THREADS`` is set."""
     base: list[str] = []

@@ -37,7 +37,7 @@ def summary(run_dirs: Iterable[Path], n_resamples: int = 1000) -> str:
         disp["time per run"] = [_times(g, label) for label in table.raw["method"]]
         out += [f"{suite} / {model}: mean over cases and seeds, x100, with 95% interval; "
                 f"unit: {tables.resampling_unit(g.frame)}", "",
-                disp.to_markdown(index=False), ""]
+                disp.to_markdown(index=False, disable_numparse=True), ""]
     return "\n".join(out)
 
 

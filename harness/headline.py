@@ -3,7 +3,8 @@ model (``noop``), and MetaKE against AlphaEdit, on efficacy and generalisation (
 Eff and Gen), with the report's own paired tests (:func:`reports.claims.pair`,
 :func:`reports.claims.location_test`): pairs by case over shared seeds, the design's unit
 (the case in batch mode, the batch in sequential runs), exact McNemar for 0/1 outcomes with
-the case as unit, a wild cluster bootstrap-t interval, the MDE at 80% power, and Holm's
+the case as unit, a wild cluster bootstrap-t interval (cut to [-100, 100] points, the range
+of a difference of rates), the MDE at 80% power, and Holm's
 correction over the contrasts shown. Contrasts whose arms are missing are left out."""
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def headline_rows(run_dirs: Iterable[Path], alpha: float = 0.05) -> list[dict[st
                                         cells=pr.cells())
                     rows.append({"suite": suite, "model": model, "preset": preset,
                                  "contrast": f"{method} - {against}", "metric": label,
-                                 "effect": 100 * res.mean, "lo": 100 * res.lo,
-                                 "hi": 100 * res.hi, "p": res.p, "mde": 100 * res.mde,
+                                 "effect": 100 * res.mean, "lo": max(-100.0, 100 * res.lo),
+                                 "hi": min(100.0, 100 * res.hi), "p": res.p,
+                                 "mde": 100 * res.mde,
                                  "test": res.test, "unit": pr.unit_name()})
     for row, p in zip(rows, holm([r["p"] for r in rows]), strict=True):
         row["p_holm"] = float(p)
@@ -71,4 +73,5 @@ def headline_markdown(rows: list[dict[str, Any]], alpha: float = 0.05) -> str:
     return ("Headline contrasts: difference in points (x100), paired by case; MDE: the "
             "smallest difference the test detects with 80% power at alpha "
             f"{alpha} (unadjusted); p two-sided, Holm-adjusted over these rows; 'shown': "
-            f"p (Holm) < {alpha}.\n\n" + table.to_markdown(index=False) + "\n")
+            f"p (Holm) < {alpha}.\n\n"
+            + table.to_markdown(index=False, disable_numparse=True) + "\n")

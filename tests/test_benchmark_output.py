@@ -61,6 +61,17 @@ def test_headline_contrasts_are_the_paired_tests_at_the_case(batch_runs):
     assert table[0][:5] == ["suite / model", "contrast", "metric", "difference [95% CI]", "MDE"]
     assert table[1][:3] == ["counterfact / toy [legacy]", "metake - noop", "Eff"]
     assert table[1][3] == f"{rows[0]['effect']:+.1f} [{rows[0]['lo']:+.1f}, {rows[0]['hi']:+.1f}]"
+    assert table[-1][2:6] == ["Gen", "+0.0 [+0.0, +0.0]", "0.0", "1.0000"]  # as text, no parsing
+
+
+def test_headline_intervals_stay_within_the_range_of_a_difference_of_rates(tmp_path):
+    cases = ["1", "2", "3"]  # three cases: a wild bootstrap interval far wider than +-100
+    dirs = [make_run(tmp_path, m, sequential=False, margin_gain=g, case_ids=cases)
+            for m, g in (("noop", -1.5), ("metake", 2.5))]
+    rows = headline.headline_rows(dirs)
+    assert [r["contrast"] for r in rows] == ["metake - noop"] * 2
+    assert all(-100.0 <= r["lo"] <= r["effect"] <= r["hi"] <= 100.0 for r in rows)
+    assert any(r["lo"] == -100.0 or r["hi"] == 100.0 for r in rows)
 
 
 def test_final_table_names_the_report_columns_and_each_run_time(batch_runs, tmp_path):
@@ -109,14 +120,18 @@ def test_progress_line_counts_runs_and_edits_and_scales_the_eta(tmp_path):
     assert bar.line() == (f"grid: 1/4 runs, 10/40 edits, 0 s spent, about "
                           f"{progress.minutes(sum(w[1:]) / 2)} left (CPU estimate from the "
                           f"measured seconds per edit)")
+    now[0] += 60.0  # filling the caches: spent, but not the runs' time
+    bar.runs_begin()
     complete(cfgs[1])
     half = progress.run_dir(cfgs[2]) / CHECKPOINT_DIR
     half.mkdir(parents=True)
     (half / PROGRESS).write_text(json.dumps({"batches_done": 2}))
     now[0] += 600.0
-    spent, rest = w[1] + w[2] * 4 / 10, w[2] * 6 / 10 + w[3]
-    assert bar.line() == (f"grid: 2/4 runs, 24/40 edits, 10 min spent, about "
-                          f"{progress.minutes(600.0 * rest / spent)} left")
+    metake = progress.FIXED_RUN_SECONDS + 4 * progress.per_edit(cfgs[2])
+    done, rest = w[1] + metake, (w[2] - metake) + w[3]
+    assert bar.line() == (f"grid: 2/4 runs, 24/40 edits, 11 min spent, about "
+                          f"{progress.minutes(600.0 * rest / done)} left")
+    assert progress.weight(cfgs[3]) == progress.FIXED_RUN_SECONDS + 10 * 0.9  # noop: eval only
 
 
 def test_without_a_grid_a_gpu_picks_smollm2_100_and_says_so(monkeypatch, capsys):
@@ -149,3 +164,12 @@ def test_reproduction_verdicts(tmp_path):
         "55 / 64 [54.2, 72.7] inside | 1 of 3 outside the original's interval |",
         "| rome | 62 / 72 [62.5, 79.9] OUTSIDE | 56 / 65 [55.3, 73.6] inside | "
         "60 / 51 [41.3, 60.6] inside | 1 of 3 outside the original's interval |"]
+
+
+def test_workers_share_the_work_by_expected_cost():
+    cfgs = [RunConfig(method=m, n_edits=40) for m in ("noop", "memit", "alphaedit", "metake")]
+    shards = [progress.balanced_shard(cfgs, i, 2) for i in range(2)]
+    assert [[c.method for c in s] for s in shards] == [["noop", "metake"],
+                                                      ["memit", "alphaedit"]]
+    three = [progress.balanced_shard(cfgs, i, 3) for i in range(3)]
+    assert sorted(c.method for s in three for c in s) == sorted(c.method for c in cfgs)

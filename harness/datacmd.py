@@ -37,7 +37,9 @@ def default_files() -> dict[str, list[str]]:
 
 
 def status(entry: DataFile, root: Path, sums: dict[str, str]) -> dict[str, Any]:
-    """One row of ``keh data list``: where the file is, whether its hash checks out."""
+    """One row of ``keh data list``: whether the file is there (under ``root``, which the
+    listing names) and whether its hash checks out; a missing file shows its pinned hash and
+    record count."""
     path = root / entry.path
     row: dict[str, Any] = {"suite": entry.suite, "path": entry.path, "format": entry.fmt,
                            "what": entry.what}
@@ -53,8 +55,7 @@ def status(entry: DataFile, root: Path, sums: dict[str, str]) -> dict[str, Any]:
         state = "ok" if entry.sha256 else "ok (SHA-256 recorded at fetch, not pinned)"
     else:
         state = f"SHA-256 MISMATCH (expected {expected[:12]}...)"
-    return {**row, "status": state, "sha256": digest, "records": count_records(path),
-            "found": str(path)}
+    return {**row, "status": state, "sha256": digest, "records": count_records(path)}
 
 
 def list_data(directory: str | None = None, suites: list[str] | None = None,

@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         progress.runs_begin()
         if args.jobs > 1:
             print(progress.line(), flush=True)
-            _run_jobs(argv, args.jobs, lambda: print(progress.line(), flush=True),
-                      args.progress_every)
+            _run_jobs(argv, args.jobs, lambda: print(f"\n{progress.line()}", flush=True),
+                      args.progress_every)  # on a line of its own below the workers' bars
             args.shard = None
         elif args.shard:
             index, total = (int(x) for x in args.shard.split("/"))

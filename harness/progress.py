@@ -7,8 +7,8 @@ edit plus its evaluation. The costs are measurements (SmolLM2-135M, CounterFact,
 shared with other jobs): noop 0.9 s per case (evaluation only), MEMIT 9.7, AlphaEdit 13.1,
 MetaKE 16.7 s per edit with its evaluation. The other methods are scaled from the 100-case
 table of ``methods/hparams/README.md`` by AlphaEdit's ratio. Larger batches cost less per
-edit (AlphaEdit: 7.8 s at batch 10), which the ETA absorbs: before any edit of this session
-is done the table gives the estimate (labelled a CPU estimate); after, the time actually
+edit (AlphaEdit: 7.8 s at batch 10), which the ETA absorbs: until a tenth of this session's
+work is done the table gives the estimate (labelled a CPU estimate); after, the time actually
 spent on the work done so far scales it to this machine. Runs found complete are not counted
 as work done in this session.
 """
@@ -38,6 +38,10 @@ SECONDS_PER_EDIT = {**{m: round(v * _MEASURED["alphaedit"] / 5.8, 1) for m, v in
 DEFAULT_SECONDS_PER_EDIT = _MEASURED["metake"]
 #: a run's fixed part (loading the model and its caches, the unedited reference): 7-12 s
 FIXED_RUN_SECONDS = 10.0
+#: share of this session's work that must be done before its own rate replaces the table's
+#: (a sequential run reports its edits a batch at a time, and the first minutes of a grid
+#: go to starting workers: too little to extrapolate from)
+TRUST_AFTER = 0.1
 
 
 def run_dir(cfg: RunConfig) -> Path:
@@ -129,7 +133,7 @@ class GridProgress:
                 f"{minutes(now - self.started)} spent")
         if runs == len(self.configs):
             return head + ", done"
-        if new > 0 and now > self.begun:
+        if new >= TRUST_AFTER * (new + left) and now > self.begun:
             return head + f", about {minutes((now - self.begun) * left / new)} left"
         return head + (f", about {minutes(left / self.jobs)} left (CPU estimate from the "
                        f"measured seconds per edit)")

@@ -122,14 +122,22 @@ def test_progress_line_counts_runs_and_edits_and_scales_the_eta(tmp_path):
                           f"measured seconds per edit)")
     now[0] += 60.0  # filling the caches: spent, but not the runs' time
     bar.runs_begin()
+    first = progress.run_dir(cfgs[3]) / CHECKPOINT_DIR
+    first.mkdir(parents=True)
+    (first / PROGRESS).write_text(json.dumps({"batches_done": 1}))  # noop: 2 cases
+    now[0] += 60.0  # too little done to extrapolate from: still the table's estimate
+    noop = progress.FIXED_RUN_SECONDS + 2 * progress.per_edit(cfgs[3])
+    assert bar.line() == (f"grid: 1/4 runs, 12/40 edits, 2 min spent, about "
+                          f"{progress.minutes((sum(w[1:]) - noop) / 2)} left (CPU estimate "
+                          f"from the measured seconds per edit)")
     complete(cfgs[1])
     half = progress.run_dir(cfgs[2]) / CHECKPOINT_DIR
     half.mkdir(parents=True)
     (half / PROGRESS).write_text(json.dumps({"batches_done": 2}))
-    now[0] += 600.0
+    now[0] += 540.0
     metake = progress.FIXED_RUN_SECONDS + 4 * progress.per_edit(cfgs[2])
-    done, rest = w[1] + metake, (w[2] - metake) + w[3]
-    assert bar.line() == (f"grid: 2/4 runs, 24/40 edits, 11 min spent, about "
+    done, rest = w[1] + metake + noop, (w[2] - metake) + (w[3] - noop)
+    assert bar.line() == (f"grid: 2/4 runs, 26/40 edits, 11 min spent, about "
                           f"{progress.minutes(600.0 * rest / done)} left")
     assert progress.weight(cfgs[3]) == progress.FIXED_RUN_SECONDS + 10 * 0.9  # noop: eval only
 

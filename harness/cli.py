@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "known)")
     cp.add_argument("--alpha", type=float, default=0.05,
                     help="level of each one-sided test, Holm across metrics (default 0.05)")
+    cp.add_argument("--allow-underpowered", action="store_true",
+                    help="compare even when the design's smallest p after Holm cannot reach "
+                         "alpha (refused by default, exit 2)")
     cp.add_argument("--require-noninferiority", action="store_true",
                     help="exit 1 also when a metric is not shown non-inferior")
     cp.add_argument("--json", default=None, metavar="FILE", help="write the table as JSON")
@@ -210,7 +213,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                        margins=parse_margins(args.margin), alpha=args.alpha,
                        lower_is_better=_names(args.lower_is_better) or [],
                        require_noninferiority=args.require_noninferiority,
-                       json_path=args.json)
+                       json_path=args.json, allow_underpowered=args.allow_underpowered)
 
 
 def one_line(message: str) -> str:

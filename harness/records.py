@@ -15,10 +15,7 @@ from typing import Any
 import torch
 
 from harness.cachefiles import atomic_write_text
-
-MANIFEST = "manifest.json"
-RECORDS = "records.jsonl"
-CURVE = "curve.jsonl"
+from harness.runfiles import CURVE, MANIFEST, RECORDS  # noqa: F401  (re-exported)
 
 
 def _clean(value: Any) -> Any:

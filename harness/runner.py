@@ -63,6 +63,7 @@ from harness.loop import (
 from harness.models import LoadedModel, load_model, sha256_file
 from harness.prepare import Prepared, check_model, prepare, wants_curve
 from harness.resume import check_checkpoint, differences, read_manifest
+from suites.itt import intention_to_treat
 
 __all__ = ["CURVE", "PROBE_SIZE", "Prepared", "RunError", "differences", "format_checkpoint",
            "format_summary", "prepare", "read_manifest", "resume", "run", "wants_curve"]
@@ -222,9 +223,10 @@ def _execute(p: Prepared, lm: LoadedModel, manifest: dict[str, Any], timings: di
         timings["downstream_examples_per_s"] = (loop_timings["downstream_examples"]
                                                 / loop_timings["downstream_s"])
     all_records = rec_io.read_records(p.run_dir / rec_io.RECORDS)
-    ok = [r for r in all_records if not r.get("failed")]
-    summary = p.suite.summarize(ok) if ok else {}
-    summary["n_failed"] = len(all_records) - len(ok)
+    # intention to treat: failed edits are failures in the edit's rates and keep their
+    # measured outcomes elsewhere (the report's rule, suites.metrics.intention_to_treat)
+    summary = p.suite.summarize(intention_to_treat(all_records)) if all_records else {}
+    summary["n_failed"] = sum(bool(r.get("failed")) for r in all_records)
     if wants_curve(cfg):
         manifest["curve"] = CURVE
     manifest.update({"status": "complete", "timings": timings,

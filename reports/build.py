@@ -31,6 +31,7 @@ from reports.load import (
     load_runs,
     model_name_of,
     preset_of,
+    revision_notes,
     seed_of,
     suite_of,
 )
@@ -101,8 +102,8 @@ def _failure_lines(runs: Runs) -> list[str]:
         errors = "; ".join(dict.fromkeys(str(e) for e in g["error"].dropna()))[:200]
         out.append(f"- **{rid}** ({runs.arm_of(str(rid))}): {len(g)} of "
                    f"{int((f['run_id'] == rid).sum())} edits failed ({errors or 'no message'}); "
-                   f"they count as failures in Eff/Gen and are missing from margins and "
-                   f"diagnostics")
+                   f"by intention to treat they count as failures in Eff/Gen and keep the "
+                   f"outcomes measured on the model they left; no diagnostics")
     return out
 
 
@@ -269,6 +270,7 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
     arms = list(dict.fromkeys(tables.arm_label(a, p) for a, p in
                               zip(runs.frame["arm"], runs.frame["preset"], strict=True)))
     failures = _failure_lines(runs)
+    mixed = [f"- {x}" for x in revision_notes(runs)]
     lines = [
         "# Knowledge-editing report", "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %z')} by `keh report` from "
@@ -278,6 +280,8 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
         f"alpha {alpha}; {n_resamples} bootstrap resamples, seed {seed}.", "",
         *(["**Runs with failed edits** (intention to treat: failures in the success rates):",
            "", *failures, ""] if failures else []),
+        *(["**Mixed code revisions**: results below compare code that differs:", "",
+           *mixed, ""] if mixed else []),
         "## Runs", "", *_table_block(runs_tab, runs_paths, out),
         "## Data", "", *_data_lines(runs), "",
         "## Models", "", *_model_lines(runs), "",

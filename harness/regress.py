@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                     metavar="KEY=VALUE", help="candidate hparam override (repeatable)")
     ap.add_argument("--hparams", default=None, help="candidate hparams YAML")
+    ap.add_argument("--against-set", dest="base_overrides", type=_override, action="append",
+                    default=[], metavar="KEY=VALUE",
+                    help="baseline hparam override (repeatable; e.g. its layers on another "
+                         "model)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--out", default="runs/regress", help="where both sides' runs go")
     ap.add_argument("--metrics", default=None,
@@ -120,7 +124,8 @@ def configs(args: argparse.Namespace) -> tuple[list[RunConfig], list[RunConfig]]
                       device=args.device, out_dir=args.out, preset=args.preset,
                       answer_tokens=0,  # the gate's metrics are teacher-forced
                       hparams=args.hparams if candidate else None,
-                      hparams_overrides=dict(args.overrides) if candidate else {})
+                      hparams_overrides=dict(args.overrides if candidate
+                                             else args.base_overrides))
         c.validate()
         return c
 

@@ -37,38 +37,44 @@ from reports.load import (
 )
 
 METHODS_TEXT = """\
-* Inference unit: in sequential runs the batch (its edits share one edited model and one point
-  of the sequence; batch b holds the same cases in every seed), in batch mode the case. Seeds
-  are averaged per case before any case-level test. With two or more seeds the run is a
-  second cluster (all cases of a sequential run are scored on its one final model): a
-  two-way seed x unit t test (ANOVA variance components, Satterthwaite df; Cameron, Gelbach
-  & Miller 2011) joins every paired test and interval, the larger p and the union of the
-  intervals; with one seed the inference is conditional on that run. Every caption and claim
-  row names its unit and the number of clusters.
+* Intention to treat: a failed edit counts as a failure in the edit's success rates (Eff,
+  Gen, their generation-based forms), and every other outcome is the value measured on the
+  model the failure left (batch mode: the unedited model; sequential: the final model);
+  every table that reports a method counts its failed edits (n_failed).
+* Inference unit: the batch (its edits share one weight update; in sequential runs also one
+  point of the sequence; batch b holds the same cases in every seed), in batch mode as in
+  sequential runs; with single edits in batch mode, the case. Seeds are averaged per case
+  before any case-level test. With two or more seeds the run is a second cluster (all cases
+  of a run are scored on its models): a two-way seed x unit t test (ANOVA variance
+  components, Satterthwaite df; Cameron, Gelbach & Miller 2011) joins every paired test and
+  interval, the larger p and the union of the intervals; with one seed the inference is
+  conditional on that run. Every caption and claim row names its unit and the number of
+  clusters.
 * Means with 95% wild cluster bootstrap-t intervals (Cameron, Gelbach & Miller 2008; Webb's
   six-point weights for few clusters, CR1 standard errors), seeded. With few batches the
   interval widens; there is no fallback to resampling cases. Score (a harmonic mean): cluster
-  bootstrap with at least 10 clusters, else no interval.
+  bootstrap with at least 10 units, else no interval.
 * Paired comparisons by case over the seeds both methods share: the mean difference with a
   cluster sign-flip randomisation test (exact over all 2^G sign patterns for up to 12
   clusters, Monte Carlo above; for 0/1 outcomes with the case as unit the exact McNemar test,
   statsmodels) and a wild cluster bootstrap-t interval.
-* T1: AUC = U/(n1 n2), p-value by permuting cases within batches, jointly over seeds. T4: cases
-  matched on the baseline's outcome within batches; sign concordance of (baseline rho,
-  MetaKE outcome), sign-flip test over pairs (a ceiling cannot produce it). T6:
+* T1: AUC over the (success, failure) pairs within a batch and run, p-value by permuting cases
+  within batches, jointly over seeds. T4: cases matched on the baseline's outcome within
+  batches; sign concordance of (baseline rho, MetaKE outcome), its test, interval and MDE on
+  the pairs' sign products clustered by batch (a ceiling cannot produce it). T6:
   non-inferiority by a one-sided cluster sign-flip test against -margin. T7's negative
   control: equivalence by two one-sided tests (TOST) with a stated margin. T8: Spearman of
   per-batch means against the batch index, permutation p-value (batches are the units).
 * Every claim row states its minimum detectable effect at 80% power (alpha 0.05, unadjusted);
-  "not supported" with a large MDE means underpowered. Failed edits count as failures in the
-  success rates (intention to treat) and are counted (n_failed).
-* Holm's step-down correction (Holm 1979, statsmodels): one family for all claim tests (all
-  suites, models and presets), one for the pairwise table. A directional claim is supported
-  when its Holm-adjusted p < alpha and the effect has the claimed sign; data that contradicts
-  a claim gives "not supported"; a claim whose runs or diagnostics are missing is reported as
-  not testable, never dropped. The calibration of these tests (false support <= 0.08 at alpha
-  0.05 on simulated null studies; power on planted effects) is checked by
-  tests/test_calibration.py.
+  "not supported" with a large MDE means underpowered.
+* Holm's step-down correction (Holm 1979): one family for all claim tests (all suites, models
+  and presets), one for the pairwise table. A directional claim is supported when its
+  Holm-adjusted p < alpha and the effect has the claimed sign; data that contradicts a claim
+  gives "not supported"; a claim whose runs or diagnostics are missing is reported as not
+  testable, never dropped. The paper table's bold: the top row better than every other row
+  by two-sided paired tests, Holm within the column. The calibration of these tests (false
+  support within each sub-test's nominal level, power on planted effects near the MDE, at
+  10 and 20 batches, with run effects) is checked by tests/test_calibration.py.
 """
 
 

@@ -3,19 +3,19 @@
 Every test function returns a list of result rows (a claim may need several sub-tests), each a
 dict with ``claim, test, statistic, value, ci_lo, ci_hi, p, p_holm, n, unit, n_clusters, mde,
 falsified_if, verdict, detail`` (plus ``suite, model, preset``). :func:`run_claims` runs all
-eight; :func:`finalise` applies Holm's correction (Holm 1979, statsmodels ``multipletests``)
+eight; :func:`finalise` applies Holm's correction (Holm 1979, :func:`reports.inference.holm`)
 over every row with a p-value in the report (the family: tests x models x datasets x presets)
 and sets the verdicts; :func:`summarise` gives one verdict per claim.
 
-Inference unit (stated in every row's ``unit``)
-* Runs of two arms are paired by seed (the seeds both arms have) and case; a case's value is
-  its mean over those seeds (seeds averaged per case before any case-level test). Without a
-  common seed, runs pair only if they share the model's weights.
-* Sequential runs: the **batch** is the cluster (its cases share one edited model and the
-  same point of the sequence; batch b holds the same cases in every seed). Batch mode: the
-  case (with its seeds averaged) is the unit.
-* Seeds as a second cluster: a sequential run scores every case on its one final model, so a
-  run moves all its cases together (measured on SmolLM2, 3 seeds: half the variance of
+Inference unit (stated in every row's ``unit``): the core's, :mod:`reports.paired`
+* Runs of two arms are paired by seed (the seeds both arms have, else the k-th of each) and
+  case; a case's value is its mean over the paired seeds. Every outcome comes in by
+  intention to treat (failed edits counted, :mod:`reports.load`).
+* The unit is the batch: its cases share one weight update (and, in sequential runs, one
+  point of the sequence; batch b holds the same cases in every seed), in batch mode as in
+  sequential runs; with batches of one edit, the case.
+* Seeds as a second cluster: every case of a run is scored on that run's models, so a run
+  moves all its cases together (measured on SmolLM2, 3 seeds: half the variance of
   MetaKE - AlphaEdit fluency). With two or more paired seeds every location test below is
   joined by the two-way seed x unit t test (:func:`reports.inference.seed_batch_t_test`):
   the row takes the larger p, the union of the intervals and the larger MDE. With one seed
@@ -24,15 +24,18 @@ Inference unit (stated in every row's ``unit``)
   paired difference (exact for up to 12 clusters; :mod:`reports.inference`), with a wild
   cluster bootstrap-t interval (Webb weights). No fallback to resampling cases: with few
   batches the interval widens and a test that cannot reach alpha says so in its MDE.
-* T1: AUC of the baseline's rho / phi separating its successes from its failures (every
-  seed's edit of a case is one observation); p-value by permuting cases within batches,
-  jointly over seeds.
-* T4 (redesigned; a ceiling cannot produce it): within batches, cases are paired by the
-  baseline's outcome (neighbours in y_base); the claim predicts that in each pair the case
-  with the lower baseline rho has the higher MetaKE outcome. Statistic: mean sign
-  concordance of (rho_base, y_MetaKE) over the pairs; p by a sign-flip test of the products
-  of rank differences (pairs independent). At equal baseline outcome a ceiling on y_MetaKE
-  only pushes the statistic towards 0 or above (conservative).
+* T1: AUC of the baseline's rho / phi separating its successes from its failures over the
+  (success, failure) pairs within one batch and one run (every seed's edit of a case is one
+  observation); p-value by permuting cases within batches, jointly over seeds: the statistic
+  and its null use the same pairs, so a decline across batches (later batches lower in rho
+  and in success) never counts. With single edits: one stratum, the ordinary AUC.
+* T4 (a ceiling cannot produce it): within units, cases are paired by the baseline's outcome
+  (neighbours in y_base); the claim predicts that in each pair the case with the lower
+  baseline rho has the higher MetaKE outcome. Statistic: mean sign concordance of
+  (rho_base, y_MetaKE) over the pairs; its test (cluster sign-flip), interval (wild cluster
+  bootstrap-t) and MDE all on the pairs' sign products, clustered by the batch that holds
+  each pair (the pair itself with single edits). At equal baseline outcome a ceiling on
+  y_MetaKE only pushes the statistic towards 0 or above (conservative).
 * T6: non-inferiority with margin ``Settings.margin`` points, one-sided cluster sign-flip
   test of H0 mean(d) <= -margin. T7's negative control: equivalence by two one-sided tests
   (TOST) with margin ``Settings.equivalence`` (primary outcome's units).

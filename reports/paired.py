@@ -107,21 +107,6 @@ def unit_words(units: Sequence[Any], sequential: bool, n_seeds: int = 1) -> str:
     return f"batch ({g} clusters; {mode}{seeds})"
 
 
-def design_words(frame: pd.DataFrame) -> str:
-    """The unit of a set of rows in words (captions): per arm, units over its runs."""
-    parts = []
-    for seq, g in frame.groupby(frame["sequential"].astype(bool), sort=False):
-        units = set()
-        for (_arm, _preset), rows in g.groupby(["arm", "preset"], sort=False):
-            units.add(units_of(rows).nunique())
-        n = "/".join(str(u) for u in sorted(units))
-        single = all(rows["batch_size"].fillna(1).eq(1).all()
-                     for _, rows in g.groupby("arm", sort=False))
-        parts.append(f"cases ({n}; single edits)" if single and not seq else
-                     f"batches ({n}; {'sequential runs' if seq else 'batch mode'})")
-    return " and ".join(parts)
-
-
 # ---------------------------------------------------------------- pairing
 def _seed_runs(rows: pd.DataFrame) -> dict[Any, list[str]]:
     """seed -> run ids of ``rows`` (in seed order)."""
@@ -163,10 +148,6 @@ class Paired:
     n_failed: int = 0
     n_unmeasured: int = 0
     by_slot: pd.DataFrame | None = None
-
-    @property
-    def seeds(self) -> list[str]:
-        return list(self.slots)
 
     @property
     def units(self) -> np.ndarray:

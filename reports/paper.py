@@ -68,8 +68,10 @@ def paper_table(model: str, parts: Mapping[str, Runs], n_resamples: int = 2000,
     for suite in SUITES:
         if suite in parts:
             arms += [a for a in dict.fromkeys(parts[suite].frame["arm"]) if a not in arms]
-    raw_rows: list[dict[str, Any]] = [{"method": a} for a in arms]
-    disp_rows: list[dict[str, Any]] = [{"method": a} for a in arms]
+    failed = {a: sum(int(parts[suite].rows_of(a)["failed"].astype(bool).sum())
+                     for suite in SUITES if suite in parts) for a in arms}
+    raw_rows: list[dict[str, Any]] = [{"method": a, "n_failed": failed[a]} for a in arms]
+    disp_rows: list[dict[str, Any]] = [{"method": a, "n_failed": failed[a]} for a in arms]
     bold: set[tuple[int, str]] = set()
     for suite, label, col in spec:
         runs = parts[suite]
@@ -90,7 +92,8 @@ def paper_table(model: str, parts: Mapping[str, Runs], n_resamples: int = 2000,
     caption = (f"{model}{f' ({preset} preset)' if preset else ''}: CounterFact and zsRE, "
                "mean over cases and seeds x100 with 95% wild cluster bootstrap-t CI; bold: "
                f"better than every other row by the paired test (two-sided, Holm within the "
-               f"column, alpha {alpha}); no bold where the best row is not; '–': not recorded.")
+               f"column, alpha {alpha}); no bold where the best row is not; '–': not recorded; "
+               "n_failed: failed edits (both suites), counted as failures in Eff and Gen.")
     name = f"paper_{slug(model)}" + (f"_{slug(preset)}" if preset else "")
     return Table(name, caption, pd.DataFrame(raw_rows), pd.DataFrame(disp_rows),
                  frozenset(bold))

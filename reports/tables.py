@@ -383,11 +383,14 @@ def downstream_table(runs: Runs) -> Table | None:
             pts = g[g["n_edits"] == n_edits]
             acc, lo, hi, n = pooled_accuracy(pts)
             edits = _edits_label(pts, runs)
+            n_failed = int(runs.frame.loc[runs.frame["run_id"].isin(pts["run_id"]),
+                                          "failed"].astype(bool).sum())
             raw_rows.append({"method": label, "task": task, "n_edits": n_edits,
                              "edits_in_model": edits, "runs": pts["run_id"].nunique(),
-                             "n": n, "acc": acc, "lo": lo, "hi": hi})
+                             "n_failed": n_failed, "n": n, "acc": acc, "lo": lo, "hi": hi})
             disp_rows.append({"method": label, "task": task, "edits in model": edits,
-                              "runs": pts["run_id"].nunique(), "examples": n,
+                              "runs": pts["run_id"].nunique(), "n_failed": n_failed,
+                              "examples": n,
                               "acc (%)": fmt_ci(100 * acc, 100 * lo, 100 * hi, 1)})
     caption = (f"{suite} / {model}: downstream accuracy at the first and last checkpoint; "
                f"'edits in model': the edits the evaluated model holds (batch mode: one "

@@ -222,24 +222,40 @@ def test_end_to_end_on_a_tiny_model(tmp_path, capsys, shared_data):
 
 
 @pytest.mark.slow
-def test_regress_runs_both_sides_once_and_gates(tmp_path, capsys, shared_data, monkeypatch):
-    """``nox -s regress``: both sides run, a second call reuses them, the gate's exit status
-    comes back; a candidate equal to the baseline is refused."""
+def test_regress_exit_codes_on_a_tiny_model(tmp_path, capsys, shared_data, monkeypatch):
+    """``nox -s regress`` on 12 single edits of a random Llama: a design of 3 units is refused
+    before anything runs (exit 2); no edit against ROME, which writes the facts, is worse
+    (exit 1), and a second call reuses both runs with the same exit; a candidate that does
+    what the baseline does is not worse (exit 0); a candidate equal to the baseline is
+    refused."""
     from harness import regress
 
     monkeypatch.setenv("KEH_DATA_DIR", str(shared_data))
-    args = ["--method", "noop", "--against", "ft", "--model", "random:llama-tiny",
-            "--n-edits", "6", "--batch-size", "2", "--out", str(tmp_path)]
-    first = regress.main(args)
-    assert first in (0, 1)
-    assert len(list(tmp_path.glob("counterfact_*"))) == 2
-    capsys.readouterr()
-    assert regress.main(args) == first
+    rome = ["--against", "rome", *(x for k, v in (
+        ("layers", "[2]"), ("stats_sampling", "tokens"), ("stats_tokens", "4000"),
+        ("stats_seq_len", "64"), ("v_num_grad_steps", "8"), ("context_templates", "[[2, 2]]"),
+        ("clamp_norm_factor", "200.0"), ("v_weight_decay", "0.0")) for x in
+        ("--against-set", f"{k}={v}"))]
+    common = ["--model", "random:llama-tiny", "--n-edits", "12", "--batch-size", "1",
+              "--out", str(tmp_path)]
+    assert regress.main(["--method", "noop", *rome, *common[:2], "--n-edits", "6",
+                         "--batch-size", "2", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "3 units give a smallest p of" in err and "at least 7 units" in err
+    assert not list(tmp_path.iterdir())  # refused before anything ran
+    assert regress.main(["--method", "noop", *rome, *common]) == 1
     out = capsys.readouterr().out
-    assert out.count("skip (complete)") == 2 and "candidate noop" in out
-    assert regress.main(["--method", "ft", "--against", "ft", "--model", "random:llama-tiny",
-                         "--out", str(tmp_path)]) == 2
+    assert "smallest p after Holm" in out and "verdict" in out
+    assert regress.main(["--method", "noop", *rome, *common]) == 1
+    assert capsys.readouterr().out.count("skip (complete)") == 2
+    same = [x.replace("--against-set", "--set") for x in rome[2:]]
+    assert regress.main(["--method", "rome", *same, *rome, *common]) == 2  # the same run
     assert "same run" in capsys.readouterr().err
+    # ROME with its own default learning rate set explicitly: another run, the same edits
+    assert regress.main(["--method", "rome", *same, "--set", "v_lr=0.5", *rome,
+                         *common]) == 0
+    out = capsys.readouterr().out
+    assert "non-inferior" in out and " worse" not in out.split("verdict", 1)[1]
 
 
 # ---------------------------------------------------------------- power and intention to treat
@@ -319,3 +335,27 @@ def test_the_table_shows_the_mde_beside_each_difference(runs, tmp_path, capsys):
     for r in doc["results"]:
         assert np.isfinite(r["mde"]) and r["mde"] >= r["margin"]
     assert doc["results"][3]["mde"] > doc["results"][3]["margin"]  # the margin varies
+
+
+def test_report_and_gate_agree_on_the_same_runs(tmp_path):
+    """One inference core: on the same two runs (the candidate with failed edits) the
+    report's pairwise table and keh compare give the same intention-to-treat differences,
+    case counts and units."""
+    from reports.compare import compare_runs
+    from reports.load import load_runs
+    from reports.tables import pairwise_rows, scale_of
+
+    base = make_run(tmp_path, "alphaedit", 0, run_id="base")
+    cand = _with_failures(make_run(tmp_path, "memit", 0, run_id="cand", margin_gain=0.5),
+                          {0, 5, 9}, margin=-3.0)
+    c = compare_runs(load_runs([base]), load_runs([cand]), n_draws=999)
+    report = {r["metric"]: r for r in pairwise_rows(load_runs([base, cand]), "alphaedit", 200)}
+    labels = {"efficacy_success": "Eff", "paraphrase_success": "Gen",
+              "neighborhood_success": "Spe", "efficacy_margin": "Margin"}
+    for r in c.results:
+        row = report[labels[r.metric]]
+        assert row["effect"] == pytest.approx(scale_of(r.metric) * r.diff)
+        assert row["n"] == r.n_cases == 24
+        assert row["unit"] == c.unit == "batch (12 clusters; sequential runs)"
+        assert "3 cases with a failed edit" in row["note"]
+    assert {r.metric: r.n_failed_candidate for r in c.results} == dict.fromkeys(labels, 3)

@@ -16,7 +16,7 @@ def test_bold_only_where_the_paired_test_says_so(tmp_path):
     runs = load_runs(dirs)
     t = paper.paper_table("toy", {"counterfact": runs}, n_resamples=300)
     # the whole layout, '–' where nothing was recorded (no generation in these runs)
-    assert list(t.display.columns) == ["method", "CF Eff", "CF Gen", "CF Spe", "CF Flu",
+    assert list(t.display.columns) == ["method", "n_failed", "CF Eff", "CF Gen", "CF Spe", "CF Flu",
                                        "CF Consis"]
     assert set(t.display["CF Flu"]) == {"–"}
     arms = list(t.display["method"])

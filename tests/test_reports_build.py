@@ -493,3 +493,28 @@ def test_mixed_code_revisions_are_flagged(tmp_path):
     assert revision_notes(load_runs(same)) == []
     text = build_report([a0, a1, m0], tmp_path / "out", n_resamples=100).read_text()
     assert "**Mixed code revisions**" in text and "aaaaaaaa -> cccccccc" in text
+
+
+def test_failed_edits_are_counted_in_every_table_that_reports_the_arm(tmp_path):
+    """FT's run has one failed edit (case 3): every table with an FT row says 1 (main,
+    outcomes, diagnostics, downstream, paper), the pairwise rows name it, and the report
+    flags the run."""
+    from reports import paper, tables
+
+    dirs = [make_run(tmp_path, arm, 0, generation=True, curve=True)
+            for arm in ("alphaedit", "ft")]
+    runs = load_runs(dirs)
+    built = [tables.main_table(runs, 100), tables.outcome_table(runs, 100),
+             tables.downstream_table(runs), *tables.diagnostics_tables(runs, 100),
+             paper.paper_table("toy", {"counterfact": runs}, n_resamples=100)]
+    assert all(t is not None for t in built)
+    for t in built:
+        rows = t.display[t.display["method"].astype(str).str.startswith("ft")]
+        assert len(rows) >= 1 and set(rows["n_failed"]) == {1}, t.name
+        other = t.display[t.display["method"].astype(str).str.startswith("alphaedit")]
+        assert set(other["n_failed"]) == {0}, t.name
+    pw = tables.pairwise_rows(runs, "alphaedit", 100)
+    assert pw and all("1 cases with a failed edit, counted by intention to treat" in r["note"]
+                      for r in pw if "note" in r and r.get("n"))
+    text = build_report(dirs, tmp_path / "out", n_resamples=100).read_text()
+    assert "**counterfact_ft_s0** (ft): 1 of 24 edits failed (boom)" in text

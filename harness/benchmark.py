@@ -9,7 +9,8 @@ at once (for a GPU that one small model leaves idle); their manifests record
 ``--launcher submitit`` submits the grid as submitit jobs instead (a Slurm job array after
 one job that fills the caches; ``--cluster local`` runs the same jobs on this machine):
 :mod:`harness.launch`. Either way each run is brought to complete by
-:func:`harness.launch.run_cell` (skip, set aside when stale, resume when killed).
+:func:`harness.launch.run_cell`, under the run's lock (leave alone when another process holds
+it, skip, set aside when stale, resume when killed).
 """
 
 from __future__ import annotations

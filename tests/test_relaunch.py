@@ -17,6 +17,7 @@ import yaml
 from harness import records as rec_io
 from harness.benchmark import load_grid, main
 from harness.config import RunConfig
+from harness.errors import UserError
 from harness.launch import run_cell
 from harness.records import code_changed
 from tests.test_concurrency import held_elsewhere, killed
@@ -135,6 +136,19 @@ def test_set_aside_keeps_everything(tmp_path, tiny_lm, data):
     assert lines[-2] == f"run {run_dir} was killed before it started; starting it again"
     assert not list(run_dir.glob(".*.tmp"))
     assert not run_dir.with_name(run_dir.name + ".stale-1").exists()
+
+
+def test_a_file_where_the_run_directory_goes(tmp_path, data):
+    """Used to be a NotADirectoryError traceback from shutil.rmtree."""
+    cfg = _cfg(tmp_path, n_edits=1)
+    path = Path(cfg.out_dir) / cfg.default_run_id()
+    path.parent.mkdir(parents=True)
+    path.write_text("mine")
+    with pytest.raises(UserError) as exc:
+        run_cell(cfg, log=lambda s: None)
+    assert str(exc.value) == (f"{path} is a file where the grid keeps this run's directory; "
+                              f"move it away, then launch the grid again")
+    assert path.read_text() == "mine"
 
 
 def test_truncated_manifest_on_relaunch(tmp_path, tiny_lm, data, capsys):

@@ -234,14 +234,15 @@ def _read_memo(memo: Path) -> str | None:
     ignored)."""
     try:
         text = memo.read_text(encoding="ascii").strip()
+        why = "empty" if not text else "not a SHA-256"
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        text = f"unreadable: {exc}"
+        text, why = "", f"unreadable: {exc}"
     if is_sha256(text):
         return text
-    warnings.warn(f"ignoring damaged hash memo {memo} ({'empty' if not text else 'not a SHA-256'});"
-                  f" hashing the file again", stacklevel=3)
+    warnings.warn(f"ignoring damaged hash memo {memo} ({why}); hashing the file again",
+                  stacklevel=3)
     return None
 
 

@@ -79,8 +79,10 @@ def test_run_after_emptying_every_memo(memo_cache, tmp_path, capsys, shared_data
     for memo in (cache / "hashes").glob("*.txt"):
         memo.write_text("")
     out = tmp_path / "runs"
-    assert main(["run", "--model", "smollm2-135m", "--device", "cpu", "--n-edits", "1",
-                 "--out", str(out), "--run-id", "r"]) == 0, capsys.readouterr().err
+    with pytest.warns(UserWarning, match="ignoring damaged hash memo .* \\(empty\\); hashing the "
+                                         "file again"):
+        assert main(["run", "--model", "smollm2-135m", "--device", "cpu", "--n-edits", "1",
+                     "--out", str(out), "--run-id", "r"]) == 0, capsys.readouterr().err
     manifest = json.loads((out / "r" / rec_io.MANIFEST).read_text())
     assert manifest["model"]["sha256"] == digest
     assert (cache / "models" / "other-model" / "config.json").exists()

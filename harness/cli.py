@@ -16,6 +16,7 @@ import yaml
 
 from harness.config import FLUENCY_DECODINGS, ZSRE_TARGETS, RunConfig
 from harness.errors import UserError
+from harness.yamlio import safe_load
 
 
 def _override(text: str) -> tuple[str, Any]:
@@ -28,7 +29,7 @@ def _override(text: str) -> tuple[str, Any]:
         except ValueError:
             pass
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), safe_load(value)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
         raise argparse.ArgumentTypeError(

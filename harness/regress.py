@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
         lm_for = model_loader()
         for c in base + cand:
-            run_cell(c, lm_for=lm_for)
+            if run_cell(c, lm_for=lm_for) == "busy":  # still going in another process
+                raise UserError(f"run {Path(c.out_dir) / c.default_run_id()} is in use by "
+                                f"another keh process; run the gate again once it has finished")
         dirs = lambda cs: [str(Path(c.out_dir) / c.default_run_id()) for c in cs]  # noqa: E731
         return run_compare(dirs(base), dirs(cand), metrics=_names(args.metrics),
                            margins=margins, alpha=args.alpha,

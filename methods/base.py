@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import yaml
 
 from harness.errors import UserError
+from harness.yamlio import safe_load
 
 HPARAMS_DIR = Path(__file__).parent / "hparams"
 
@@ -255,7 +256,7 @@ def load_hparams(cls: type, method: str, model: str, path: str | Path | None = N
         if not p.exists():
             raise UserError(f"hparams file {p} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"hparams file {p}: not valid YAML ({exc})") from exc
         data.update(loaded)

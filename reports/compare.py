@@ -57,7 +57,7 @@ import pandas as pd
 from harness.errors import UserError
 from reports import inference as inf
 from reports import power
-from reports.load import Runs, differences, load_runs, preset_of, revision_notes
+from reports.load import Runs, design_differences, load_runs, preset_of, revision_notes
 from reports.paired import NotTestable, Paired, margin_tests, pair_rows
 
 #: default metrics per suite: efficacy, generalisation, locality, and the log-probability margin
@@ -162,7 +162,7 @@ def _check_same_design(base: Runs, cand: Runs) -> None:
     role0, rid0, m0 = items[0]
     problems = [f"{role0} {rid0} vs {role} {rid}: " + "; ".join(diff)
                 for role, rid, m in items[1:]
-                if (diff := differences(m0, m, same_model=True, same_batches=False))]
+                if (diff := design_differences(m0, m, same_model=True, same_batches=False))]
     if problems:
         raise UserError("the runs cannot be paired case by case: " + " | ".join(problems)
                         + ". Compare runs made on the same cases, data file and model.")

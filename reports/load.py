@@ -369,7 +369,7 @@ def _describe(key: str, a: Any, b: Any) -> str:
     return f"{key}: {a!r} vs {b!r}"
 
 
-def differences(a: Mapping[str, Any], b: Mapping[str, Any],
+def design_differences(a: Mapping[str, Any], b: Mapping[str, Any],
                 same_model: bool = True, same_batches: bool = True) -> list[str]:
     """What makes manifests ``a`` and ``b`` unfit for a case-by-case comparison: suite, data
     file, case ids (in order, with batch size and mode, when ``same_batches``; as a set
@@ -403,7 +403,7 @@ def check_comparable(runs: Runs | Mapping[str, Mapping[str, Any]] | Sequence[Map
     ref_id, ref = items[0]
     problems = []
     for rid, m in items[1:]:
-        diff = differences(ref, m, same_model=same_model)
+        diff = design_differences(ref, m, same_model=same_model)
         if diff:
             problems.append(f"{ref_id} vs {rid}: " + "; ".join(diff))
     if problems:

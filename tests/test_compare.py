@@ -224,36 +224,32 @@ def test_end_to_end_on_a_tiny_model(tmp_path, capsys, shared_data):
 @pytest.mark.slow
 def test_regress_exit_codes_on_a_tiny_model(tmp_path, capsys, shared_data, monkeypatch):
     """``nox -s regress`` on 12 single edits of a random Llama: a design of 3 units is refused
-    before anything runs (exit 2); no edit against ROME, which writes the facts, is worse
-    (exit 1), and a second call reuses both runs with the same exit; a candidate that does
-    what the baseline does is not worse (exit 0); a candidate equal to the baseline is
+    before anything runs (exit 2); no edit against FT that writes the facts (unconstrained) is
+    worse (exit 1), and a second call reuses both runs with the same exit; a candidate that
+    does what the baseline does is not worse (exit 0); one equal to the baseline is
     refused."""
     from harness import regress
 
     monkeypatch.setenv("KEH_DATA_DIR", str(shared_data))
-    rome = ["--against", "rome", *(x for k, v in (
-        ("layers", "[2]"), ("stats_sampling", "tokens"), ("stats_tokens", "4000"),
-        ("stats_seq_len", "64"), ("v_num_grad_steps", "8"), ("context_templates", "[[2, 2]]"),
-        ("clamp_norm_factor", "200.0"), ("v_weight_decay", "0.0")) for x in
-        ("--against-set", f"{k}={v}"))]
+    strong = ["norm_constraint=10", "lr=0.05"]
+    ft = ["--against", "ft", *(x for kv in strong for x in ("--against-set", kv))]
     common = ["--model", "random:llama-tiny", "--n-edits", "12", "--batch-size", "1",
               "--out", str(tmp_path)]
-    assert regress.main(["--method", "noop", *rome, *common[:2], "--n-edits", "6",
-                         "--batch-size", "2", "--out", str(tmp_path)]) == 2
+    assert regress.main(["--method", "noop", *ft, "--model", "random:llama-tiny",
+                         "--n-edits", "6", "--batch-size", "2", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "3 units give a smallest p of" in err and "at least 7 units" in err
     assert not list(tmp_path.iterdir())  # refused before anything ran
-    assert regress.main(["--method", "noop", *rome, *common]) == 1
+    assert regress.main(["--method", "noop", *ft, *common]) == 1
     out = capsys.readouterr().out
-    assert "smallest p after Holm" in out and "verdict" in out
-    assert regress.main(["--method", "noop", *rome, *common]) == 1
+    assert "smallest p after Holm" in out and "worse" in out.split("verdict", 1)[1]
+    assert regress.main(["--method", "noop", *ft, *common]) == 1
     assert capsys.readouterr().out.count("skip (complete)") == 2
-    same = [x.replace("--against-set", "--set") for x in rome[2:]]
-    assert regress.main(["--method", "rome", *same, *rome, *common]) == 2  # the same run
+    same = [x for kv in strong for x in ("--set", kv)]
+    assert regress.main(["--method", "ft", *same, *ft, *common]) == 2  # the same run
     assert "same run" in capsys.readouterr().err
-    # ROME with its own default learning rate set explicitly: another run, the same edits
-    assert regress.main(["--method", "rome", *same, "--set", "v_lr=0.5", *rome,
-                         *common]) == 0
+    # FT with its own default number of steps set explicitly: another run, the same edits
+    assert regress.main(["--method", "ft", *same, "--set", "steps=25", *ft, *common]) == 0
     out = capsys.readouterr().out
     assert "non-inferior" in out and " worse" not in out.split("verdict", 1)[1]
 

@@ -326,7 +326,9 @@ def test_page_in_a_headless_browser(page, runs_dir, tmp_path):
                    if m.type in ("error", "assert") else None)
             tab.on("pageerror", lambda e: problems.append(f"uncaught: {e}"))
             tab.goto(page.as_uri())
-            tab.wait_for_selector("#explorer[data-ready='1']", timeout=60_000)
+            tab.wait_for_selector("#explorer[data-ready='1'], #explorer[data-failed='1']",
+                                  timeout=60_000)
+            assert problems == []
             assert tab.inner_text("#ex-status") == "Showing 1–24 of 24 matching cases (24 in all)."
 
             tab.click("#ex-contrast")

@@ -481,6 +481,7 @@
     root.dataset.ready = "1";
   }).catch(function (err) {
     status.textContent = "The explorer could not read its data: " + err;
+    root.dataset.failed = "1";
     console.error(err);
   });
 })();

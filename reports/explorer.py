@@ -67,11 +67,12 @@ class Strings:
 
 
 def metric_spec(suite: str, frame: pd.DataFrame) -> list[tuple[str, str]]:
-    """(label, column) of the per-case outcomes the group records: teacher-forced success and
-    exact match per prompt group (:data:`reports.tables.GENERATION`, without F1), then
-    :data:`EXTRA_METRICS`."""
-    spec = [(label.removesuffix(" TF"), col) for label, col in GENERATION.get(suite, [])
-            if not label.endswith(" F1")] + EXTRA_METRICS
+    """(label, column) of the per-case outcomes the group records: teacher-forced success per
+    prompt group, then exact match per group (:data:`reports.tables.GENERATION`, without F1),
+    then :data:`EXTRA_METRICS`."""
+    gen = GENERATION.get(suite, [])
+    spec = ([(label.removesuffix(" TF"), col) for label, col in gen if label.endswith(" TF")]
+            + [(label, col) for label, col in gen if label.endswith(" EM")] + EXTRA_METRICS)
     return [(label, col) for label, col in spec
             if col in frame.columns and frame[col].notna().any()]
 

@@ -62,6 +62,7 @@
   const status = $("ex-status");
   const GROUP_NAMES = { efficacy: "rewrite", paraphrase: "paraphrase",
                         neighborhood: "neighbourhood" };
+  const GROUP_ORDER = Object.keys(GROUP_NAMES);
   const CONDITIONS = {
     rate: [["", "(any)"], ["eq100", "= 100% (succeeded)"], ["eq0", "= 0% (failed)"],
            ["lt100", "< 100%"], ["gt0", "> 0%"]],
@@ -267,7 +268,7 @@
     });
     if (margin >= 0) {
       const v = g.values[a][margin][i];
-      shown.push(v === null ? "–" : (v > 0 ? "+" : "") + v.toFixed(2));
+      shown.push(v === null ? "–" : (v > 0 ? "+" : "") + Number(v.toPrecision(3)));
       spoken.push("margin " + fmt(v, "real"));
     }
     const td = el("td", { class: "arm" });
@@ -330,6 +331,8 @@
       if (ans) Object.keys(ans).forEach(function (k) { if (groups.indexOf(k) < 0) groups.push(k); });
     });
     if (items) Object.keys(items).forEach(function (k) { if (groups.indexOf(k) < 0) groups.push(k); });
+    const rank = function (k) { const r = GROUP_ORDER.indexOf(k); return r < 0 ? GROUP_ORDER.length : r; };
+    groups.sort(function (x, y) { return rank(x) - rank(y); });
     const rows = [];
     groups.forEach(function (grp) {
       let n = items && items[grp] ? items[grp].length : 0;
@@ -478,6 +481,7 @@
     wire();
     update();
     root.dataset.decodeMs = String(Math.round(performance.now() - t0));
+    root.dataset.readyMs = String(Math.round(performance.now()));
     root.dataset.ready = "1";
   }).catch(function (err) {
     status.textContent = "The explorer could not read its data: " + err;

@@ -183,6 +183,15 @@ def revision_lines(runs: Runs) -> list[str]:
             for rev, arms in seen.items()]
 
 
+def preset_lines(runs: Runs) -> list[str]:
+    """One line per preset: its runs and methods (claims and comparisons stay within one)."""
+    out = []
+    for preset, sub in runs.presets():
+        arms = ", ".join(dict.fromkeys(sub.frame["arm"]))
+        out.append(f"`{preset}`: {runs_word(len(sub.manifests))} ({arms})")
+    return out
+
+
 # ---------------------------------------------------------------- claims
 def _num(v: Any) -> float:
     try:
@@ -280,7 +289,7 @@ def render(content: ReportContent) -> str:
         group_names=[f"{s} / {m}" for (s, m), _ in content.groups],
         failures_table=table_view(failures_by_arm(runs)),
         runs_table=table_view(content.runs_table),
-        revisions=revision_lines(runs),
+        revisions=revision_lines(runs), presets=preset_lines(runs),
         versions=table_view(frame_table("versions", "Library versions per set of runs.",
                                         content.versions)),
         cost=table_view(frame_table("cost", "Time and peak memory per method (means over "

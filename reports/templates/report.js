@@ -69,9 +69,9 @@
     real: [["", "(any)"], ["gt0", "> 0"], ["le0", "≤ 0"]],
     flag: [["", "(any)"], ["yes", "yes"], ["no", "no"]],
   };
-  const MAX_DEFAULT_ARMS = 8;
+  const MAX_DEFAULT_ARMS = 6;
   let doc = null;
-  const state = { g: 0, shown: [], text: "", sort: "", dir: "asc", size: 25, page: 0 };
+  const state = { g: 0, lead: [], text: "", sort: "", dir: "asc", size: 25, page: 0 };
   let matching = [];
 
   function str(i) { return i === null || i === undefined ? "" : doc.strings[i]; }
@@ -130,6 +130,7 @@
         + " (with the baseline and the treatment) are shown; tick others below." : "");
     const base = armIndex(g, root.dataset.baseline), treat = armIndex(g, root.dataset.treatment);
     const first = [treat, base].filter(function (a) { return a >= 0; });
+    state.lead = first.slice();
     for (let a = 0; a < g.arms.length && first.length < MAX_DEFAULT_ARMS; a++) {
       if (first.indexOf(a) < 0) first.push(a);
     }
@@ -370,7 +371,10 @@
 
   function render() {
     const g = group();
-    const arms = Array.from($("ex-arms").querySelectorAll("input:checked")).map(function (n) { return Number(n.value); });
+    // the treatment and the baseline first, then the other ticked methods in report order
+    const ticked = Array.from($("ex-arms").querySelectorAll("input:checked")).map(function (n) { return Number(n.value); });
+    const arms = state.lead.filter(function (a) { return ticked.indexOf(a) >= 0; }).concat(
+      ticked.filter(function (a) { return state.lead.indexOf(a) < 0; }));
     const total = matching.length;
     const pages = Math.max(1, Math.ceil(total / state.size));
     state.page = Math.min(state.page, pages - 1);

@@ -290,9 +290,12 @@ def plot_rho_by_batch(runs: Runs, directory: Path) -> Figure:
         b, m = per.index.to_numpy(float), per["mean"].to_numpy(float)
         half = 1.96 * per["sem"].fillna(0.0).to_numpy(float)
         k = list(colors).index(arm)
+        dense = len(b) > 200  # rasterised in the SVG twin (thousands of batches: megabytes)
         ax.plot(b, m, marker=MARKERS[k % len(MARKERS)], ms=4 if len(b) <= 40 else 0,
-                ls=LINESTYLES[k % len(LINESTYLES)], color=colors[arm], label=arm)
-        ax.fill_between(b, m - half, m + half, color=colors[arm], alpha=0.15, lw=0)
+                ls=LINESTYLES[k % len(LINESTYLES)], color=colors[arm], label=arm,
+                rasterized=dense)
+        ax.fill_between(b, m - half, m + half, color=colors[arm], alpha=0.15, lw=0,
+                        rasterized=dense)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("batch index (edits applied in order)")
     ax.set_ylabel("mean realisation rho")

@@ -9,7 +9,8 @@ run, batches of 2, seed 0), arms = every registered method, then MetaKE over MEM
 ROME, MetaKE over BLUE, and AlphaEdit and MEMIT with the tuned preset, up to ``--arms``; the
 cases are the first ``--cases`` CounterFact records of ``$KEH_DATA_DIR`` (real prompts and
 targets), each record with greedy answers (the target, the true object or a varied phrase) and
-the exact-match fields that follow from them; then ``keh report``'s :func:`build_report`.
+the exact-match fields that follow from them (kept: a second call with the same ``--out``
+reuses them); then ``keh report``'s :func:`build_report`.
 
 ``measure``: opens each page from disk in headless Chromium (playwright, ``--executable``)
 ``--repeat`` times and prints the file size, the embedded explorer data, the navigation's
@@ -73,8 +74,8 @@ def build(n_cases: int, n_arms: int, out: Path, n_resamples: int) -> Path:
         raise SystemExit(f"{data} has {len(records)} records")
     ids = [str(r["case_id"]) for r in records]
     runs = out / "runs"
-    dirs = []
-    for k, (method, hparams, preset) in enumerate(_arms(n_arms)):
+    dirs = sorted(runs.iterdir()) if runs.is_dir() else []  # made by an earlier call
+    for k, (method, hparams, preset) in enumerate([] if dirs else _arms(n_arms)):
         rid = f"counterfact_{method}_{k}"
         d = make_run(runs, method, 0, case_ids=ids, data_sha=sha, hparams=hparams,
                      preset=preset, run_id=rid, rho_shift=0.01 * k, margin_gain=0.1 * k,

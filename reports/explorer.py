@@ -210,7 +210,7 @@ def case_data(groups: list[tuple[tuple[str, str], Runs]]) -> dict[str, Any]:
 def encode(document: Mapping[str, Any]) -> str:
     """gzip-compressed JSON in base64 (ASCII, safe inside a ``<script>`` element)."""
     raw = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return base64.b64encode(gzip.compress(raw, compresslevel=9, mtime=0)).decode("ascii")
+    return base64.b64encode(gzip.compress(raw, compresslevel=6, mtime=0)).decode("ascii")
 
 
 def decode(text: str) -> dict[str, Any]:

@@ -285,8 +285,9 @@ def test_text_from_runs_is_escaped(tmp_path):
 
 
 # ---------------------------------------------------------------- in a real browser
-def _browser() -> str:
-    """The Chromium executable, or skip saying why."""
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """The Chromium executable, or skip saying why (before any report is built)."""
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
@@ -300,7 +301,7 @@ def _browser() -> str:
                 "apt-get can; or set KEH_CHROMIUM to a Chrome/Chromium executable)")
 
 
-def test_page_in_a_headless_browser(page, runs_dir, tmp_path):
+def test_page_in_a_headless_browser(chromium, page, runs_dir, tmp_path):
     """Opens index.html from disk in headless Chromium: no console error or uncaught
     exception, the explorer lists the cases, the MetaKE-succeeded/AlphaEdit-failed filter and
     a text filter give the exact cases, a table sorts by a column (mouse, then keyboard), a
@@ -308,7 +309,6 @@ def test_page_in_a_headless_browser(page, runs_dir, tmp_path):
     test's temporary directory)."""
     from playwright.sync_api import sync_playwright
 
-    executable = _browser()
     frame = load_runs(runs_dir).frame
     eff = frame.groupby(["arm", "case_id"])["efficacy_success"].mean()
     contrast = [c for c in CASES if eff["metake", c] == 1 and eff["alphaedit", c] == 0]
@@ -318,7 +318,7 @@ def test_page_in_a_headless_browser(page, runs_dir, tmp_path):
     artifacts.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable,
+        browser = p.chromium.launch(executable_path=chromium,
                                     args=["--no-sandbox", "--disable-gpu"])
         try:
             tab = browser.new_page(viewport={"width": 1280, "height": 900})

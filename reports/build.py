@@ -9,6 +9,9 @@ compared case by case must also share model weights and the preset (``config.pre
 every table names each method's preset. Claims T1-T8 of ``docs/METAKE.md`` form one Holm
 family over all groups and presets; the pairwise comparisons another. Runs with failed edits
 are flagged at the top of the report.
+
+``index.html`` (:mod:`reports.html`): the same report as one self-contained page, with sortable
+tables, inline SVG figures and a per-case explorer.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from reports import claims as claims_mod
+from reports import html as html_report
 from reports import paper, plots, tables
 from reports.load import (
     Runs,
@@ -240,8 +244,10 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
     claim_rows: list[dict[str, Any]] = []
     pair_rows: list[dict[str, Any]] = []
     figures: list[plots.Figure] = []
+    results: list[tuple[str, list[tables.Table]]] = []
     for (suite, model), g in groups:
         section_lines += [f"### {suite} / {model}", ""]
+        results.append((f"{suite} / {model}", []))
         main = tables.main_table(g, n_resamples, seed)
         for t in (main, tables.outcome_table(g, n_resamples, seed),
                   tables.generation_table(g, n_resamples, seed),
@@ -249,6 +255,7 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
                   tables.downstream_table(g)):
             if t is not None:
                 section_lines += _table_block(t, tables.write_table(t, tdir), out)
+                results[-1][1].append(t)
         if main is None:
             section_lines += [f"_No usual metric of {suite} recorded._", ""]
         presets = g.presets()
@@ -261,8 +268,10 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
                                          suffix="" if len(presets) == 1 else preset)
 
     paper_lines: list[str] = []
+    paper_tabs: list[tables.Table] = []
     for t in _paper_tables(groups, n_resamples, seed, alpha):
         paper_lines += _table_block(t, tables.write_table(t, tdir), out)
+        paper_tabs.append(t)
 
     pairwise = tables.pairwise_table(pair_rows, baseline, alpha)
     detail = claims_mod.finalise(claim_rows, alpha)
@@ -315,4 +324,12 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
     lines += ["## Methods", "", METHODS_TEXT]
     index = out / "index.md"
     index.write_text("\n".join(lines), encoding="utf-8")
+    html_report.write_html(out, html_report.ReportContent(
+        runs=runs, groups=groups, runs_table=runs_tab, failures=failures, mixed=mixed,
+        settings={"baseline": baseline, "treatment": treatment, "alpha": alpha,
+                  "n_resamples": n_resamples, "seed": seed},
+        data_lines=_data_lines(runs), model_lines=_model_lines(runs),
+        hparams_lines=_hparams_lines(runs), versions=_versions_table(runs),
+        cost=_cost_table(runs), results=results, paper=paper_tabs, pairwise=pairwise,
+        claims_summary=csum, claims_detail=cdet, figures=figures, methods_text=METHODS_TEXT))
     return index

@@ -1,5 +1,6 @@
-"""Figures (PNG, matplotlib's Agg canvas; no pyplot state). Each function returns a
-:class:`Figure` with its caption, or with ``path=None`` and a note saying why it was skipped.
+"""Figures (PNG, matplotlib's Agg canvas; no pyplot state), each with an SVG twin beside it
+(text kept as text, point clouds rasterised) that ``index.html`` inlines. Each function returns
+a :class:`Figure` with its caption, or with ``path=None`` and a note saying why it was skipped.
 
 * ``metrics_*``: efficacy / generalisation / specificity per method, mean and 95% CI (forest plot).
 * ``downstream_*``: downstream accuracy against the number of edits (curve.jsonl).
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.ticker import MaxNLocator
@@ -31,7 +33,7 @@ MARKERS = ["o", "s", "^", "D", "v", "P"]
 #: probe-set metrics drawn (when a run records them), in this order
 PROBE_KEYS = ["efficacy_success", "paraphrase_success", "neighborhood_success",
               "efficacy_margin", "efficacy_accuracy", "paraphrase_accuracy",
-              "specificity_accuracy", "score"]
+              "specificity_accuracy", "score", "neighborhood_kl"]
 
 
 @dataclass
@@ -49,9 +51,13 @@ def _new(width: float = 6.4, height: float = 4.0) -> MplFigure:
 
 
 def _save(fig: MplFigure, directory: Path, name: str) -> Path:
+    """``<name>.png`` and its twin ``<name>.svg`` (text as text, no date, fixed ids)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.png"
     fig.savefig(path, dpi=DPI)
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": name}):
+        fig.savefig(path.with_suffix(".svg"), format="svg", dpi=DPI,
+                    metadata={"Date": None})
     return path
 
 
@@ -213,7 +219,7 @@ def plot_diagnostics(runs: Runs, directory: Path) -> Figure:
                    orientation="horizontal")
         for y, a, v in zip(pos, arms, data, strict=True):
             ax.scatter(v, y + rng.uniform(-0.15, 0.15, v.size), s=6, alpha=0.5,
-                       color=colors[a])
+                       color=colors[a], rasterized=True)
         ax.set_title({"diag_rho": "realisation rho", "diag_z_error": "z-error e"}[d])
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
@@ -250,7 +256,7 @@ def plot_gain_vs_rho(runs: Runs, treatment: str, baseline: str, directory: Path,
     rho_s = float(sps.spearmanr(x[ok], y[ok]).statistic) if varied else float("nan")
     fig = _new(5.0, 3.8)
     ax = fig.add_subplot()
-    ax.scatter(x, y, s=10, alpha=0.6)
+    ax.scatter(x, y, s=10, alpha=0.6, rasterized=True)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel(f"rho of {baseline}")
     ax.set_ylabel(f"gain in {out_col} ({treatment} - {baseline})")
@@ -284,9 +290,12 @@ def plot_rho_by_batch(runs: Runs, directory: Path) -> Figure:
         b, m = per.index.to_numpy(float), per["mean"].to_numpy(float)
         half = 1.96 * per["sem"].fillna(0.0).to_numpy(float)
         k = list(colors).index(arm)
+        dense = len(b) > 200  # rasterised in the SVG twin (thousands of batches: megabytes)
         ax.plot(b, m, marker=MARKERS[k % len(MARKERS)], ms=4 if len(b) <= 40 else 0,
-                ls=LINESTYLES[k % len(LINESTYLES)], color=colors[arm], label=arm)
-        ax.fill_between(b, m - half, m + half, color=colors[arm], alpha=0.15, lw=0)
+                ls=LINESTYLES[k % len(LINESTYLES)], color=colors[arm], label=arm,
+                rasterized=dense)
+        ax.fill_between(b, m - half, m + half, color=colors[arm], alpha=0.15, lw=0,
+                        rasterized=dense)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("batch index (edits applied in order)")
     ax.set_ylabel("mean realisation rho")

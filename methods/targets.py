@@ -118,6 +118,9 @@ class TargetProblem:
     ``site_rows``/``site_cols`` (n_rows,): where each row's subject ends; ``owner`` (n_rows,):
     the request of each row; ``tgt_*``: the positions predicting target tokens, their token
     ids, and the row each belongs to; ``kl_rows`` (n,): the KL row of each request.
+    ``last_correct``: after each :meth:`losses` call, (rows, correct) of the target tokens it
+    scored: each token's row and whether the token is the argmax there (a stop rule's input,
+    e.g. ENCORE's most-probable early stopping).
     """
 
     lm: LoadedModel
@@ -135,6 +138,7 @@ class TargetProblem:
     kl_rows: torch.Tensor
     plain_rows: torch.Tensor
     init_kl_logp: torch.Tensor | None = None
+    last_correct: tuple[torch.Tensor, torch.Tensor] | None = None
     prefix: dict[str, Any] | None = None
     start: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -360,6 +364,7 @@ class TargetProblem:
         logp = torch.log_softmax(logits, dim=-1)
         n_t = len(tgt_rows)
         tok_lp = logp[:n_t].gather(1, tgt_ids[:, None])[:, 0]
+        self.last_correct = (tgt_rows, (logp[:n_t].detach().argmax(-1) == tgt_ids))
         n_rows = self.input_ids.shape[0]
         per_row = torch.zeros(n_rows, device=tok_lp.device, dtype=tok_lp.dtype)
         per_row = per_row.index_add(0, tgt_rows, -tok_lp)
@@ -432,13 +437,21 @@ def site_states(lm: LoadedModel, problem: TargetProblem, layer: int,
                          problem.site_cols[rows]].float().T.contiguous()
 
 
+#: stop_rule(problem, active) -> (n,) bool: requests to stop now (before this iteration's
+#: update), called after every loss evaluation with ``active`` (n,) the requests it ran
+StopRule = Callable[[TargetProblem, torch.Tensor], torch.Tensor]
+
+
 def compute_targets(lm: LoadedModel, requests: Sequence[EditRequest], layer: int,
-                    hp: TargetHparams, templates: Sequence[str]
+                    hp: TargetHparams, templates: Sequence[str],
+                    stop_rule: StopRule | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]], TargetProblem]:
     """Open-loop targets at decoder layer ``layer``.
 
     Returns Z0 (d_model, n) unedited states, V = Z0 + delta (d_model, n), per-request info
     (initial/final NLL, steps, |delta|, whether clamped) and the problem (reused by MetaKE).
+    ``stop_rule`` (e.g. ENCORE's most-probable early stopping) stops requests in addition to
+    the loss threshold ``stop_loss``, at the same point of the loop.
     """
     site = hp.value_site
     problem = TargetProblem.build(lm, requests, templates, hp.kl_prompt)
@@ -466,6 +479,8 @@ def compute_targets(lm: LoadedModel, requests: Sequence[EditRequest], layer: int
             if step == 0:
                 first_nll = nll.detach().cpu()
             last_nll = torch.where(frozen.cpu(), last_nll, nll.detach().cpu())
+            if stop_rule is not None:
+                frozen |= stop_rule(problem, ~frozen)
             frozen |= loss.detach() < hp.stop_loss
             if bool(frozen.all()):
                 break

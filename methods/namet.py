@@ -227,7 +227,7 @@ def _optimise(lm: LoadedModel, rows: _Rows, name: str, hp: Hparams
             if it == 0:
                 first = float(nll.detach())
             last = float(nll.detach())
-            if float(loss) < hp.stop_loss or it == hp.v_num_grad_steps - 1:
+            if float(loss.detach()) < hp.stop_loss or it == hp.v_num_grad_steps - 1:
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -8,7 +8,10 @@ MEMIT's targets, keys and residual schedule (:mod:`methods.locate`) with three c
    layer is optimised on the *unedited* weights (the release computes all targets on the
    original model before the first edit and caches them), here by restoring the edited
    layers' original weights W0 for the target step (``value_rewind``; all edits live in those
-   matrices). The residual is then taken against the current, edited model.
+   matrices). The residual is then taken against the current, edited model. That pre-pass
+   passes the raw CounterFact record to ``compute_z``, before the leading space MEMIT's
+   ``execute_memit`` puts on ``target_new``, so its targets make "English" likely, not
+   " English" (``value_target_space: false`` reproduces it; ``true`` is MEMIT's).
 2. **Neuron selection.** At each edited layer l, of the d_in input neurons of W_l only those
    carrying the batch's key mass are written (:func:`methods.solvers.select_neurons`: the
    largest ``sum_j |k_j|`` whose cumulative share is within ``neuron_threshold``), and the
@@ -56,13 +59,17 @@ class Hparams(memit.Hparams):
     ``nse_max_iterations``: the release's ``max_iterations`` (at most this minus one rounds);
     ``neuron_threshold``: share of the key mass the selected neurons carry (1: all neurons but
     those the float rounding of the last cumulative sums leaves out, as the release);
-    ``value_rewind``: targets on the unedited weights (the release) or on the current ones."""
+    ``value_rewind``: targets on the unedited weights (the release) or on the current ones;
+    ``value_target_space``: the targets' tokens with the space before target_new that MEMIT's
+    ``execute_memit`` adds (true) or without it (false: the release's pre-pass, which calls
+    ``compute_z`` on the raw CounterFact record, so "English" is optimised, not " English")."""
 
     nse_alpha: float = 2.5
     nse_upper_bound: float = 50.0
     nse_max_iterations: int = 3
     neuron_threshold: float = 1.0
     value_rewind: bool = True
+    value_target_space: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -102,13 +109,16 @@ def rewound_targets(lm: LoadedModel, requests: list[EditRequest], hp: Hparams,
                     templates: list[str]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """V (d_model, n): the target step at the last edited layer, run on the original weights
     W0 of ``hp.layers`` when ``value_rewind`` (the current ones restored afterwards)."""
+    space = hp.value_target_space
     if not hp.value_rewind:
-        _, V, info, _ = compute_targets(lm, requests, hp.layers[-1], hp, templates)
+        _, V, info, _ = compute_targets(lm, requests, hp.layers[-1], hp, templates,
+                                        target_space=space)
         return V, info
     current = {layer: lm.rewrite_weight(layer).detach().clone() for layer in hp.layers}
     _set_weights(lm, _originals(lm, hp))
     try:
-        _, V, info, _ = compute_targets(lm, requests, hp.layers[-1], hp, templates)
+        _, V, info, _ = compute_targets(lm, requests, hp.layers[-1], hp, templates,
+                                        target_space=space)
     finally:
         _set_weights(lm, current)
     return V, info

@@ -146,7 +146,10 @@ class TargetProblem:
 
     @classmethod
     def build(cls, lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str],
-              kl_prompt: str = "{} is a") -> TargetProblem:
+              kl_prompt: str = "{} is a", target_space: bool = True) -> TargetProblem:
+        """``target_space``: the target is tokenised after the prompt with the space
+        :func:`harness.scoring.encode_pair` puts before it (every method); False tokenises
+        ``target_new`` alone, without that space (NSE's released pre-pass does so)."""
         tok = lm.tokenizer
         seqs: list[list[int]] = []
         site_cols: list[int] = []
@@ -161,6 +164,8 @@ class TargetProblem:
             for t, ctx in enumerate(templates):
                 site = subject_site(tok, r.prompt, r.subject, prefix=ctx)
                 p_ids, t_ids = encode_pair(tok, site.text, r.target_new)
+                if not target_space:
+                    t_ids = tok(r.target_new, add_special_tokens=False)["input_ids"]
                 row = len(seqs)
                 if t == 0:
                     plain_rows.append(row)
@@ -444,17 +449,18 @@ StopRule = Callable[[TargetProblem, torch.Tensor], torch.Tensor]
 
 def compute_targets(lm: LoadedModel, requests: Sequence[EditRequest], layer: int,
                     hp: TargetHparams, templates: Sequence[str],
-                    stop_rule: StopRule | None = None
+                    stop_rule: StopRule | None = None, target_space: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]], TargetProblem]:
     """Open-loop targets at decoder layer ``layer``.
 
     Returns Z0 (d_model, n) unedited states, V = Z0 + delta (d_model, n), per-request info
     (initial/final NLL, steps, |delta|, whether clamped) and the problem (reused by MetaKE).
     ``stop_rule`` (e.g. ENCORE's most-probable early stopping) stops requests in addition to
-    the loss threshold ``stop_loss``, at the same point of the loop.
+    the loss threshold ``stop_loss``, at the same point of the loop. ``target_space``:
+    :meth:`TargetProblem.build`.
     """
     site = hp.value_site
-    problem = TargetProblem.build(lm, requests, templates, hp.kl_prompt)
+    problem = TargetProblem.build(lm, requests, templates, hp.kl_prompt, target_space)
     z0 = site_states(lm, problem, layer, site)
     if hp.prefix_cache:
         problem.enable_prefix_cache()

@@ -185,10 +185,12 @@ def harness_file(method: str) -> dict[str, Any]:
 
 def released_file(method: str, path: str, args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The release's Llama-3 file (path in the checkout) and the changes for this run: the
-    last layer for the loss, the records C0 counts, the harness's SmolLM2 target lr, and the
-    smoke step count."""
+    last layer for the loss, the records C0 counts, the output embedding's name (SmolLM2 ties
+    it to the input embedding, so ``lm_head.weight`` is not a parameter of its own), the
+    harness's SmolLM2 target lr, and the smoke step count."""
     file = json.loads(Path(path).read_text())
     changed = {"v_loss_layer": 29, "mom2_n_samples": args.stats_records,
+               "lm_head_module": "model.embed_tokens",  # SmolLM2 ties it: the same tensor
                "v_lr": harness_file(method)["v_lr"],
                "v_num_grad_steps": args.smoke_steps or file["v_num_grad_steps"]}
     return file, changed

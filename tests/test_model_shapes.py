@@ -130,7 +130,7 @@ def test_every_method_edits_and_evaluates_on_the_architecture(shape_lm, tmp_path
         mod.edit = spy
         try:
             cfg = RunConfig(model=f"random:{shape}", method=method, suite="counterfact",
-                            n_edits=1, batch_size=1, sequential=True, device="cpu",
+                            n_edits=2, batch_size=2, sequential=True, device="cpu",
                             out_dir=str(tmp_path / method), answer_tokens=0,
                             hparams_overrides=overrides)
             run_dir = run(cfg, lm=lm, log=lambda s: None)

@@ -308,7 +308,8 @@ def test_nse_values_come_from_the_rewound_weights(tiny_lm, corpus, cf, restore):
     templates = templates_for(tiny_lm, hp)
     reqs = cf[:2]
     nse.prepare(tiny_lm, hp)
-    _, V_orig, _, _ = compute_targets(tiny_lm, reqs, 2, hp, templates)
+    _, V_orig, _, _ = compute_targets(tiny_lm, reqs, 2, hp, templates,
+                                      target_space=hp.value_target_space)
     torch.manual_seed(0)
     for layer in (1, 2):
         tiny_lm.apply_delta(layer, 0.5 * torch.randn_like(tiny_lm.rewrite_weight(layer)))

@@ -449,6 +449,26 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
                                n_positions=256)),
     "gpt-j-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
                               vocab_size=50400, n_positions=2048)),
+    # the models people edit now (issue 32), from their published config.json
+    "llama3.1-8b-instruct": ("llama", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    "qwen2.5-7b-instruct": ("qwen2", dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=False, use_sliding_window=False)),
+    "qwen3-8b": ("qwen3", dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False,
+        attention_bias=False, use_sliding_window=False)),
+    "mistral-7b-v0.3": ("mistral", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32768, rope_theta=1000000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=32768, sliding_window=None, tie_word_embeddings=False)),
 }
 
 
@@ -628,6 +648,11 @@ PUBLISHED_MODELS: dict[str, str] = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "gpt-j-6b": "EleutherAI/gpt-j-6b",
     "llama3-8b": "meta-llama/Meta-Llama-3-8B-Instruct",
+    # the models people edit now (issue 32)
+    "llama3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
+    "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "mistral-7b-v0.3": "mistralai/Mistral-7B-v0.3",
 }
 
 

@@ -74,9 +74,18 @@ DEFAULT_MARGINS: dict[str, float] = {
     "efficacy_accuracy": 0.02, "paraphrase_accuracy": 0.02, "specificity_accuracy": 0.02,
     "efficacy_margin": 0.25,
 }
-#: planning values of the default metrics for the gate's designs (reports.power): measured
-#: on SmolLM2 / CounterFact, see docs/USAGE.md
-PLANNING: dict[str, power.Planning] = {}
+#: planning values of the default CounterFact metrics for the gate's designs
+#: (reports.power), measured 2026-12-07 between two runs of AlphaEdit (seeds 0 and 1) on
+#: SmolLM2, CounterFact cases 0-159, batch mode in batches of 10 (the default protocol):
+#: discordant cases per direction for the rates, the sd of the paired difference for the
+#: margin
+_MEASURED = "AlphaEdit seeds 0 vs 1, SmolLM2, CounterFact 0-159, batches of 10"
+PLANNING: dict[str, power.Planning] = {
+    "efficacy_success": power.Planning(True, 0.038, _MEASURED),
+    "paraphrase_success": power.Planning(True, 0.009, _MEASURED),
+    "neighborhood_success": power.Planning(True, 0.003, _MEASURED),
+    "efficacy_margin": power.Planning(False, 0.77, _MEASURED),
+}
 #: metrics where lower is better (compared with the sign flipped)
 LOWER_IS_BETTER = frozenset({"diag_z_error", "diag_kernel_energy", "diag_delta_norm"})
 ALPHA = 0.05

@@ -78,7 +78,7 @@ def docs(session: nox.Session) -> None:
     written from a copy of the checkout (``tests/test_docs.py``)."""
     _install(session, "[test]")
     session.run("pytest", "-q", "-m", "slow", "tests/test_docs.py", *session.posargs,
-                env=_env())
+                env={**_env(), "KEH_DOCS_TEST": "1"})
 
 
 @nox.session

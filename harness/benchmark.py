@@ -7,13 +7,13 @@ at once (for a GPU that one small model leaves idle); their manifests record
 ``--launcher submitit`` submits the grid as submitit jobs instead (a Slurm job array after
 one job that fills the caches; ``--cluster local`` runs the same jobs on this machine):
 :mod:`harness.launch`. Either way each run is brought to complete by
-:func:`harness.launch.run_cell` (skip, set aside when stale, resume when killed).
+:func:`harness.launch.run_cell`, under the run's lock (leave alone when another process holds
+it, skip, set aside when stale, resume when killed).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -30,9 +30,23 @@ from harness.progress import GridProgress, balanced_shard
 
 __all__ = ["GRIDS", "Grid", "load_grid", "main"]
 
+def read_run_manifest(run_dir: Path) -> dict[str, Any] | None:
+    """The manifest of the run in ``run_dir``, None where it has none; ValueError saying what
+    is wrong where it cannot be used (cut short, edited: :func:`harness.resume.parse_manifest`).
+    Read without the run's lock: manifests are replaced atomically, never half-written."""
+    from harness.resume import parse_manifest
+
+    path = run_dir / rec_io.MANIFEST
+    return parse_manifest(path) if path.exists() else None
+
+
 def is_complete(run_dir: Path) -> bool:
-    m = run_dir / rec_io.MANIFEST
-    return m.exists() and json.loads(m.read_text()).get("status") == "complete"
+    """Whether ``run_dir`` holds a complete run (a manifest that cannot be read: no)."""
+    try:
+        manifest = read_run_manifest(run_dir)
+    except ValueError:
+        return False
+    return manifest is not None and manifest.get("status") == "complete"
 
 
 def needs_run(cfg: RunConfig) -> bool:
@@ -42,17 +56,26 @@ def needs_run(cfg: RunConfig) -> bool:
 
 def stale(run_dir: Path, cfg: RunConfig) -> list[str]:
     """What a complete run's manifest holds that this grid would now do differently: resolved
-    hparams (a changed hparams YAML keeps the config hash) and the data file's hash. The
-    code revision is not compared: re-running a grid after a failure must skip finished runs."""
+    hparams (a changed hparams YAML keeps the config hash), the data file's hash, and the code
+    (a commit with changes to harness/, methods/ or suites/ since the run's commit:
+    :func:`harness.records.code_changed`; a commit that changed only prose, reports or grid
+    files keeps the run)."""
+    from harness.resume import parse_manifest
     from harness.runner import differences, prepare
 
-    manifest = json.loads((run_dir / rec_io.MANIFEST).read_text())
-    diffs, _ = differences(prepare(cfg), manifest, allow_revision_change=True)
+    manifest = parse_manifest(run_dir / rec_io.MANIFEST)
+    diffs, git = differences(prepare(cfg), manifest, allow_revision_change=True)
+    old = manifest["git"].get("commit")
+    if rec_io.code_changed(old, git["commit"]):
+        diffs.append(f"code (git commit {old} in the manifest, {git['commit']} now, with "
+                     f"changes to harness/, methods/ or suites/ between them)")
     return diffs
 
 
 def _set_aside(run_dir: Path) -> Path:
-    """Rename a stale run directory to ``<name>.stale-<n>`` (results are never deleted)."""
+    """Rename the run directory to ``<name>.stale-<n>``, everything in it kept (results are
+    never deleted). Only under the run's lock (:func:`harness.launch.run_cell`), so a run
+    that is still going is never moved."""
     n = 1
     while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
         n += 1
@@ -191,18 +214,18 @@ def main(argv: list[str] | None = None) -> int:
             configs = balanced_shard(configs, index, total)
             args.no_report = True
         run_dirs = [Path(c.out_dir) / c.default_run_id() for c in configs]
-        if args.jobs > 1 or args.launcher == "submitit":  # workers or jobs ran them
-            missing = [str(d) for d in run_dirs if not is_complete(d)]
-            if missing:
-                raise UserError(f"run(s) {', '.join(missing)} did not complete in their "
-                                f"worker (see above)")
-        else:
+        if args.jobs == 1 and args.launcher == "local":  # else workers or jobs ran them
             lm_for = launch.model_loader()
             for i, cfg in enumerate(configs):
                 prefix = f"[{i + 1}/{len(configs)}]"
                 if not args.shard:
                     print(progress.line(), flush=True)
                 launch.run_cell(cfg, log=lambda s, p=prefix: print(f"{p} {s}"), lm_for=lm_for)
+        missing = [str(d) for d in run_dirs if not is_complete(d)]
+        if missing:  # a worker failed, or a run is still going in another process
+            raise UserError(f"run(s) {', '.join(missing)} did not complete here (see above); "
+                            f"launch the grid again to continue them (a run still going in "
+                            f"another process is left alone)")
         if not args.shard:
             print(progress.line())
             finish(run_dirs, args.grid, None if args.no_report

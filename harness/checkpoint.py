@@ -133,6 +133,32 @@ def save(run_dir: Path, progress: Progress, tensors: dict[str, torch.Tensor] | N
     _remove_stale(d, progress.tensors)
 
 
+#: a temporary file of :func:`harness.cachefiles.atomic_write_with`: ``.<target>.<random>.tmp``
+_TEMP = re.compile(r"\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def remove_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files that a process killed during an atomic write left in the run
+    directory (``.manifest.json.*.tmp``, ``.records.jsonl.*.tmp``, ``.curve.jsonl.*.tmp``)
+    and in its ``checkpoint/`` (``.progress.json.*.tmp``, ``.tensors-NNNNNN.safetensors.*.tmp``,
+    each the size of the edited matrices). Only those names, only inside ``run_dir`` (a
+    ``checkpoint`` that is a link is left alone); call it holding the run's lock. Returns what
+    was deleted."""
+    run_dir = Path(run_dir)
+    cdir = checkpoint_dir(run_dir)
+    ours = [(run_dir, lambda t: t in (rec_io.MANIFEST, rec_io.RECORDS, rec_io.CURVE))]
+    if cdir.is_dir() and not cdir.is_symlink():
+        ours.append((cdir, lambda t: t == PROGRESS or bool(TENSOR_NAME.fullmatch(t))))
+    removed = []
+    for d, is_ours in ours:
+        for f in d.iterdir():
+            m = _TEMP.fullmatch(f.name)
+            if m and is_ours(m["target"]) and not f.is_dir():
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    return removed
+
+
 def _remove_stale(d: Path, keep: str | None) -> None:
     for f in d.glob("tensors-*.safetensors*"):
         if f.name != keep:

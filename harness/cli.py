@@ -19,6 +19,7 @@ import yaml
 from harness.config import FLUENCY_DECODINGS, ZSRE_TARGETS, RunConfig
 from harness.errors import UserError
 from harness.helptext import HelpFormatter
+from harness.yamlio import safe_load
 
 
 def _override(text: str) -> tuple[str, Any]:
@@ -31,7 +32,7 @@ def _override(text: str) -> tuple[str, Any]:
         except ValueError:
             pass
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), safe_load(value)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
         raise argparse.ArgumentTypeError(
@@ -204,6 +205,9 @@ def _add_compare(sub: Any) -> None:
                          "known)")
     cp.add_argument("--alpha", type=float, default=0.05,
                     help="level of each one-sided test, Holm across metrics")
+    cp.add_argument("--allow-underpowered", action="store_true",
+                    help="compare even when the design's smallest p after Holm cannot reach "
+                         "alpha (refused by default, exit 2)")
     cp.add_argument("--require-noninferiority", action="store_true",
                     help="exit 1 also when a metric is not shown non-inferior")
     cp.add_argument("--json", default=None, metavar="FILE", help="write the table as JSON")
@@ -307,7 +311,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                        margins=parse_margins(args.margin), alpha=args.alpha,
                        lower_is_better=_names(args.lower_is_better) or [],
                        require_noninferiority=args.require_noninferiority,
-                       json_path=args.json)
+                       json_path=args.json, allow_underpowered=args.allow_underpowered)
 
 
 def one_line(message: str) -> str:

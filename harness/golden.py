@@ -172,6 +172,20 @@ def differences(expected: Mapping[str, Any], got: Mapping[str, Any], method: str
     return out
 
 
+def spread(expected: Mapping[str, Any], got: Mapping[str, Any]) -> tuple[float, float]:
+    """(largest absolute, largest relative) difference of one cell's numbers: what
+    :func:`tolerance` must allow for the machine that produced ``got``."""
+    worst_abs = worst_rel = 0.0
+    for case in set(expected) & set(got):
+        for name in FIELDS:
+            a, b = expected[case].get(name), got[case].get(name)
+            if a is None or b is None:
+                continue
+            worst_abs = max(worst_abs, abs(b - a))
+            worst_rel = max(worst_rel, abs(b - a) / max(abs(a), 1e-12))
+    return worst_abs, worst_rel
+
+
 def load_golden(path: Path = GOLDEN) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
@@ -207,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     golden = load_golden()
     moved = [d for m, suites in doc["cells"].items() for s, cell in suites.items()
              for d in differences(golden["cells"].get(m, {}).get(s, {}), cell, m, s)]
+    for m, suites in doc["cells"].items():  # the measured spread, against the tolerance
+        worst = [spread(golden["cells"].get(m, {}).get(s, {}), cell)
+                 for s, cell in suites.items()]
+        print(f"golden: {m}: largest difference {max(w[0] for w in worst):.2e} absolute, "
+              f"{max(w[1] for w in worst):.2e} relative (tolerance {tolerance(m)})")
     print("\n".join(moved) or "golden: every number as recorded")
     return 1 if moved else 0
 

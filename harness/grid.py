@@ -29,6 +29,7 @@ import yaml
 
 from harness.config import RunConfig
 from harness.errors import UserError
+from harness.yamlio import safe_load
 
 GRIDS = Path(__file__).parent / "grids"
 _RUN = RunConfig()
@@ -109,7 +110,7 @@ def load_grid(name_or_path: str) -> list[Grid]:
     """The grids of a grid file, every cell checked (one line per problem)."""
     path = grid_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"grid {path}: not valid YAML ({' '.join(str(exc).split())})") from exc
     parts = data if isinstance(data, list) else [data]

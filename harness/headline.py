@@ -1,11 +1,12 @@
 """The benchmark's headline contrasts: MetaKE, AlphaEdit and MEMIT each against the unedited
 model (``noop``), and MetaKE against AlphaEdit, on efficacy and generalisation (the report's
-Eff and Gen), with the report's own paired tests (:func:`reports.claims.pair`,
-:func:`reports.claims.location_test`): pairs by case over shared seeds, the design's unit
-(the case in batch mode, the batch in sequential runs), exact McNemar for 0/1 outcomes with
-the case as unit, a wild cluster bootstrap-t interval (cut to [-100, 100] points, the range
-of a difference of rates), the MDE at 80% power, and Holm's
-correction over the contrasts shown. Contrasts whose arms are missing are left out."""
+Eff and Gen), with the report's own inference core (:mod:`reports.paired`): cases paired over
+shared seeds, failed edits counted by intention to treat, the design's unit (the case where
+each edit is its own batch, else the batch), the exact McNemar test for 0/1 outcomes with the
+case as unit (else the cluster sign-flip test, joined with the seed x unit test over several
+seeds), a wild cluster bootstrap-t interval (cut to [-100, 100] points, the range of a
+difference of rates), the MDE at 80% power, and Holm's correction over the contrasts shown.
+Contrasts whose arms are missing are left out."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ METRICS = {"counterfact": (("Eff", "efficacy_success"), ("Gen", "paraphrase_succ
 
 def headline_rows(run_dirs: Iterable[Path], alpha: float = 0.05) -> list[dict[str, Any]]:
     """One row per available contrast, suite, model, preset and metric (points, x100)."""
-    from reports.claims import NotTestable, holm, location_test, pair
+    from reports.inference import holm
     from reports.load import load_runs
+    from reports.paired import NotTestable, pair, paired_test
 
     rows: list[dict[str, Any]] = []
     for (suite, model), group in load_runs(run_dirs).groups():
@@ -38,15 +40,14 @@ def headline_rows(run_dirs: Iterable[Path], alpha: float = 0.05) -> list[dict[st
                         pr = pair(runs, method, against, col)
                     except NotTestable:
                         continue
-                    x, y = pr.frame["x"].to_numpy(float), pr.frame["y"].to_numpy(float)
-                    res = location_test(x - y, pr.units, alpha, binary_pairs=(x, y),
-                                        cells=pr.cells())
+                    res = paired_test(pr, alpha)
                     rows.append({"suite": suite, "model": model, "preset": preset,
                                  "contrast": f"{method} - {against}", "metric": label,
                                  "effect": 100 * res.mean, "lo": max(-100.0, 100 * res.lo),
                                  "hi": min(100.0, 100 * res.hi), "p": res.p,
                                  "mde": 100 * res.mde,
-                                 "test": res.test, "unit": pr.unit_name()})
+                                 "test": res.test, "unit": pr.unit_name(),
+                                 "n_failed": pr.n_failed})
     for row, p in zip(rows, holm([r["p"] for r in rows]), strict=True):
         row["p_holm"] = float(p)
         row["verdict"] = "shown" if p < alpha else "not shown"
@@ -69,9 +70,11 @@ def headline_markdown(rows: list[dict[str, Any]], alpha: float = 0.05) -> str:
         "MDE": [f"{r['mde']:.1f}" for r in rows],
         "p (Holm)": [fmt_p(r["p_holm"]) for r in rows],
         "difference": [r["verdict"] for r in rows],
+        "failed": [str(r["n_failed"]) for r in rows],
         "unit (test)": [f"{r['unit']}; {r['test']}" for r in rows]})
     return ("Headline contrasts: difference in points (x100), paired by case; MDE: the "
             "smallest difference the test detects with 80% power at alpha "
             f"{alpha} (unadjusted); p two-sided, Holm-adjusted over these rows; 'shown': "
-            f"p (Holm) < {alpha}.\n\n"
+            f"p (Holm) < {alpha}; failed: cases with a failed edit in either arm, counted "
+            "by intention to treat.\n\n"
             + table.to_markdown(index=False, disable_numparse=True) + "\n")

@@ -11,11 +11,15 @@ compute the same statistics at once even without the dependency: statistics file
 computed under a per-key lock and written atomically (:mod:`harness.cachefiles`).
 
 :func:`run_cell` is also what the local launcher (``--launcher local``, ``--jobs N``) runs per
-cell, so both launchers treat a run directory the same way: complete and up to date: skipped;
-complete but stale (:func:`harness.benchmark.stale`): set aside and run again; killed
-(a manifest, not complete): continued with :func:`harness.runner.resume` (``keh run
---resume``), unless its config, hparams, data file or code revision differ from what the grid
-would now run (then set aside and run again); killed before its manifest: started again.
+cell, so both launchers treat a run directory the same way, always holding its run lock
+(:func:`harness.cachefiles.run_lock`): held by another process (a run still going): left
+alone, one line; complete and up to date: skipped; complete but stale
+(:func:`harness.benchmark.stale`): set aside and run again; killed (a manifest, not complete):
+continued with :func:`harness.runner.resume` (``keh run --resume``), unless its config,
+hparams, data file or code revision differ from what the grid would now run (then set aside
+and run again); a manifest that cannot be read, or files without a manifest: set aside and run
+again; killed before its manifest (nothing but the lock): started again in it. Set aside means
+renamed to ``<run>.stale-<n>``, everything kept.
 So a job that dies (pre-emption, time limit, a kill) is continued by submitting the grid
 again; on a time limit or pre-emption signal, submitit also requeues the job itself
 (:class:`CellJob` is checkpointable) and it continues the same way.
@@ -27,9 +31,8 @@ and read only by the submitting user's own processes.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,17 +41,19 @@ from typing import Any
 
 import submitit
 
+from harness import checkpoint as ckpt
 from harness import records as rec_io
 from harness.benchmark import (
     _set_aside,
-    is_complete,
     needs_run,
     needs_warm,
+    read_run_manifest,
     stale,
     warm_caches,
 )
+from harness.cachefiles import LOCK_NAME, run_lock
 from harness.config import RunConfig
-from harness.errors import UserError
+from harness.errors import RunInUse, UserError
 
 CLUSTERS = ("slurm", "local", "debug")
 #: environment a job needs to see what the submitting process sees (caches, data, offline)
@@ -115,12 +120,55 @@ def model_loader() -> Callable[[RunConfig], Any]:
 def run_cell(cfg: RunConfig, log: Callable[[str], None] = print,
              lm_for: Callable[[RunConfig], Any] | None = None) -> str:
     """Bring the run of ``cfg`` (``<out_dir>/<default run id>``) to complete; return what was
-    done: ``skipped``, ``resumed``, ``ran``. ``lm_for(cfg)`` gives a loaded, unedited model to
-    reuse (None: the run loads its own)."""
-    from harness.runner import differences, prepare, resume, run
+    done: ``skipped``, ``resumed``, ``ran``, or ``busy`` when another process holds the run's
+    lock (a run still going: left alone, one line). Everything it does to an existing run
+    directory (read its manifest, decide, set it aside, resume it) happens under that lock.
+    ``lm_for(cfg)`` gives a loaded, unedited model to reuse (None: the run loads its own)."""
+    from harness.runner import run
 
     run_dir = Path(cfg.out_dir) / cfg.default_run_id()
-    if is_complete(run_dir):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file where the grid keeps this run's directory; move "
+                        f"it away, then launch the grid again")
+    try:
+        with contextlib.ExitStack() as held:
+            if run_dir.exists():
+                held.enter_context(run_lock(run_dir))
+                done = _settle(cfg, run_dir, log, lm_for)
+                if done:
+                    return done
+            log(f"{cfg.method} / {cfg.suite} / {cfg.model} / seed {cfg.seed}")
+            run(cfg, lm=lm_for(cfg) if lm_for else None)  # a given model comes back unedited
+            return "ran"
+    except RunInUse as exc:
+        log(f"left alone: {exc.run_dir} is in use by another keh process{exc.holder} (a run "
+            f"still going); launch the grid again once it has finished")
+        return "busy"
+
+
+def _settle(cfg: RunConfig, run_dir: Path, log: Callable[[str], None],
+            lm_for: Callable[[RunConfig], Any] | None) -> str | None:
+    """With the run's lock held: ``skipped`` (complete and up to date) or ``resumed``
+    (killed, and continued); None when the run is to be started in ``run_dir``, which is then
+    free: a stale, unreadable or unrelated run was set aside (everything kept)."""
+    from harness.runner import differences, prepare, resume
+
+    try:
+        manifest = read_run_manifest(run_dir)
+    except ValueError as exc:
+        kept = _set_aside(run_dir)
+        log(f"{run_dir / rec_io.MANIFEST} {exc}; the run is kept as {kept}, running again")
+        return None
+    if manifest is None:
+        ckpt.remove_temp_files(run_dir)  # e.g. the manifest's, if killed writing it
+        if {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
+            log(f"run {run_dir} was killed before it started; starting it again")
+            return None
+        kept = _set_aside(run_dir)
+        log(f"{run_dir} holds files but no {rec_io.MANIFEST} (a start killed early, or not "
+            f"a run); kept as {kept}, starting the run again")
+        return None
+    if manifest.get("status") == "complete":
         changed = stale(run_dir, cfg)
         if not changed:
             log(f"skip (complete): {run_dir}")
@@ -128,22 +176,16 @@ def run_cell(cfg: RunConfig, log: Callable[[str], None] = print,
         kept = _set_aside(run_dir)
         log(f"{run_dir} is complete but stale: {'; '.join(changed)}; kept as {kept}, "
             f"running again")
-    elif (run_dir / rec_io.MANIFEST).exists():
-        manifest = json.loads((run_dir / rec_io.MANIFEST).read_text(encoding="utf-8"))
-        diffs, _ = differences(prepare(cfg), manifest, allow_revision_change=False)
-        if not diffs:
-            log(f"incomplete run {run_dir} is continued (keh run --resume)")
-            resume(run_dir, lm=lm_for(cfg) if lm_for else None)
-            return "resumed"
-        kept = _set_aside(run_dir)
-        log(f"incomplete run {run_dir} cannot be continued: {'; '.join(diffs)} differ(s); "
-            f"kept as {kept}, running again")
-    elif run_dir.exists():  # killed before its manifest was written: nothing in it to keep
-        log(f"run {run_dir} was killed before it started; starting it again")
-        shutil.rmtree(run_dir)
-    log(f"{cfg.method} / {cfg.suite} / {cfg.model} / seed {cfg.seed}")
-    run(cfg, lm=lm_for(cfg) if lm_for else None)  # a given model comes back unedited
-    return "ran"
+        return None
+    diffs, _ = differences(prepare(cfg), manifest, allow_revision_change=False)
+    if not diffs:
+        log(f"incomplete run {run_dir} is continued (keh run --resume)")
+        resume(run_dir, lm=lm_for(cfg) if lm_for else None)
+        return "resumed"
+    kept = _set_aside(run_dir)
+    log(f"incomplete run {run_dir} cannot be continued: {'; '.join(diffs)} differ(s); "
+        f"kept as {kept}, running again")
+    return None
 
 
 def _enter_job(env: dict[str, str]) -> None:

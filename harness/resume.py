@@ -13,6 +13,24 @@ from harness.errors import UserError
 from harness.models import sha256_file
 from harness.prepare import Prepared
 
+#: what a manifest must hold for a run to be compared or resumed
+MANIFEST_KEYS = ("config", "config_hash", "hparams", "data", "model", "git")
+
+
+def parse_manifest(path: Path) -> dict[str, Any]:
+    """The manifest at ``path`` as a dict holding :data:`MANIFEST_KEYS`; ValueError naming what
+    is wrong (not valid JSON: cut short or edited, not an object, keys missing)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ValueError("is not a JSON object")
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest.get(k), dict | str)]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}")
+    return manifest
+
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
     """The manifest of the run in ``run_dir``, validated enough to resume it (clear errors)."""
@@ -25,16 +43,9 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"--resume {run_dir}: no {rec_io.MANIFEST} there (not a run directory, "
                         f"or the run was killed before it started: start it again)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"--resume {run_dir}: {rec_io.MANIFEST} is not valid JSON "
-                        f"({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise UserError(f"--resume {run_dir}: {rec_io.MANIFEST} is not a JSON object")
-    missing = [k for k in ("config", "config_hash", "hparams", "data", "model", "git")
-               if not isinstance(manifest.get(k), dict | str)]
-    if missing:
-        raise UserError(f"--resume {run_dir}: {rec_io.MANIFEST} lacks {', '.join(missing)}")
+        manifest = parse_manifest(path)
+    except ValueError as exc:
+        raise UserError(f"--resume {run_dir}: {rec_io.MANIFEST} {exc}") from exc
     if manifest.get("status") == "complete":
         raise UserError(f"--resume {run_dir}: the run is already complete; nothing to resume")
     return manifest

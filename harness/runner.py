@@ -34,10 +34,10 @@ loads), :mod:`harness.resume` (resume checks), :mod:`harness.loop` (the loop pro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import errno
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from harness import checkpoint as ckpt
 from harness import records as rec_io
 from harness.cachefiles import run_lock
 from harness.config import RunConfig
-from harness.errors import UserError
+from harness.errors import UserError, write_failure
 from harness.formatting import format_checkpoint, format_summary
 from harness.loop import (
     CURVE,
@@ -63,13 +63,10 @@ from harness.loop import (
 from harness.models import LoadedModel, load_model, sha256_file
 from harness.prepare import Prepared, check_model, prepare, wants_curve
 from harness.resume import check_checkpoint, differences, read_manifest
+from suites.itt import intention_to_treat
 
 __all__ = ["CURVE", "PROBE_SIZE", "Prepared", "RunError", "differences", "format_checkpoint",
            "format_summary", "prepare", "read_manifest", "resume", "run", "wants_curve"]
-
-
-#: errors of a write that a resume can recover from (disk full, quota, read-only remount)
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _seed_and_load(cfg: RunConfig, lm: LoadedModel | None,
@@ -90,6 +87,27 @@ def _refuse_existing(run_dir: Path) -> None:
                         f"--run-id or --out, resume it with --resume {run_dir}, or remove it")
 
 
+@contextlib.contextmanager
+def _resumable_writes(run_dir: Path) -> Iterator[None]:
+    """A write that fails in the body (disk full, quota, file size limit, read-only file
+    system, I/O error; an ``OSError`` or a library's error such as safetensors') ends in one
+    :class:`UserError` naming the file and how to continue: the checkpoints are atomic, so the
+    run resumes from its last complete one."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        failure = write_failure(exc)
+        if failure is None:
+            raise
+        message, filename = failure
+        then = (f"continue from the last checkpoint with --resume {run_dir}"
+                if (run_dir / rec_io.MANIFEST).exists() else "start the run again")
+        raise UserError(f"writing the run failed: {message} ({filename or run_dir}); free "
+                        f"space or make the disk writable, then {then}") from exc
+
+
 def run(cfg: RunConfig, log: Callable[[str], None] = print,
         lm: LoadedModel | None = None) -> Path:
     """Run ``cfg`` end to end; return the run directory. ``lm`` reuses a loaded model (its
@@ -106,8 +124,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print,
     except OSError as exc:
         raise UserError(f"--out {cfg.out_dir}: cannot create {p.run_dir} ({exc.strerror})") \
             from exc
-    with run_lock(p.run_dir):
+    with run_lock(p.run_dir), _resumable_writes(p.run_dir):
         _refuse_existing(p.run_dir)  # a concurrent start of the same run may have won
+        ckpt.remove_temp_files(p.run_dir)  # a start killed while writing its manifest
         manifest: dict[str, Any] = {
             "run_id": p.run_dir.name,
             "status": "running",
@@ -144,7 +163,7 @@ def resume(run_dir: str | Path, log: Callable[[str], None] = print,
     process holds the run, or if the checkpoint does not match records.jsonl."""
     run_dir = Path(run_dir)
     read_manifest(run_dir)  # a run directory, before a lock file is created in it
-    with run_lock(run_dir):
+    with run_lock(run_dir), _resumable_writes(run_dir):
         return _resume_locked(run_dir, log, lm, allow_revision_change, stop_on_error)
 
 
@@ -165,6 +184,7 @@ def _resume_locked(run_dir: Path, log: Callable[[str], None], lm: LoadedModel | 
     if diffs:
         raise UserError(f"cannot resume {run_dir}: " + "; ".join(diffs) + " differ(s) from "
                         "the run's manifest")
+    ckpt.remove_temp_files(run_dir)  # what a kill during an atomic write left behind
     saved = ckpt.load(run_dir)  # validated before the model is loaded
     check_checkpoint(p, saved)
     timings = dict(p.timings)
@@ -201,12 +221,6 @@ def _execute(p: Prepared, lm: LoadedModel, manifest: dict[str, Any], timings: di
                          "nondeterministic_ops": sorted(nondeterministic)})
         rec_io.write_json(p.run_dir / rec_io.MANIFEST, manifest)
         raise
-    except OSError as exc:
-        if exc.errno not in WRITE_ERRNOS:
-            raise
-        raise UserError(f"writing the run failed: {exc.strerror} ({exc.filename or p.run_dir}); "
-                        f"free space, then continue from the last checkpoint with "
-                        f"--resume {p.run_dir}") from exc
     finally:
         _restore(lm, original)  # the caller's model leaves unedited, whatever happened
 
@@ -222,9 +236,10 @@ def _execute(p: Prepared, lm: LoadedModel, manifest: dict[str, Any], timings: di
         timings["downstream_examples_per_s"] = (loop_timings["downstream_examples"]
                                                 / loop_timings["downstream_s"])
     all_records = rec_io.read_records(p.run_dir / rec_io.RECORDS)
-    ok = [r for r in all_records if not r.get("failed")]
-    summary = p.suite.summarize(ok) if ok else {}
-    summary["n_failed"] = len(all_records) - len(ok)
+    # intention to treat: failed edits are failures in the edit's rates and keep their
+    # measured outcomes elsewhere (the report's rule, suites.metrics.intention_to_treat)
+    summary = p.suite.summarize(intention_to_treat(all_records)) if all_records else {}
+    summary["n_failed"] = sum(bool(r.get("failed")) for r in all_records)
     if wants_curve(cfg):
         manifest["curve"] = CURVE
     manifest.update({"status": "complete", "timings": timings,

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from harness.errors import UserError
+from harness.yamlio import safe_load
 
 #: hparams fields that hold layer indices (an int, a list of ints, or None)
 LAYER_FIELDS = ("layers", "proxy_layer")
@@ -69,7 +70,7 @@ def check_hparams_file(path: str | Path) -> None:
         raise UserError(f"hparams file {p}: not UTF-8 text (byte {exc.start}); give a YAML "
                         f"file") from exc
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -28,6 +28,10 @@ METHODS: dict[str, str] = {
     "emmet": "methods.emmet",
     "memit-blue": "methods.memit_blue",
     "alphaedit-blue": "methods.alphaedit_blue",
+    "ultraedit": "methods.ultraedit",
+    "encore": "methods.encore",
+    "namet": "methods.namet",
+    "nse": "methods.nse",
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import yaml
 
 from harness.errors import UserError
+from harness.yamlio import safe_load
 
 HPARAMS_DIR = Path(__file__).parent / "hparams"
 
@@ -150,6 +151,13 @@ RANGES: dict[str, Range] = {
     "outer_steps": NON_NEGATIVE, "outer_lr": POSITIVE, "beta": NON_NEGATIVE,
     "gamma": NON_NEGATIVE, "outer_clamp_factor": POSITIVE, "proxy_layer": NON_NEGATIVE,
     "max_rescale": POSITIVE,
+    # ENCORE, NSE, NAMET, UltraEdit (methods/encore.py, nse.py, namet.py, ultraedit.py)
+    "mpes_patience": NON_NEGATIVE, "update_norm_lambda": NON_NEGATIVE,
+    "nse_alpha": NON_NEGATIVE, "nse_upper_bound": POSITIVE, "nse_max_iterations": AT_LEAST_ONE,
+    "neuron_threshold": Range(0.0, 1.0, lo_open=True),
+    "template_temperature": POSITIVE, "template_top_k": AT_LEAST_ONE,
+    "template_top_p": Range(0.0, 1.0, lo_open=True), "template_tokens": AT_LEAST_ONE,
+    "chunk_size": AT_LEAST_ONE, "ridge": POSITIVE,
     # fine-tuning (methods/ft.py)
     "lr": POSITIVE, "steps": AT_LEAST_ONE, "norm_constraint": POSITIVE,
     "weight_decay": NON_NEGATIVE, "early_stop_nll": NON_NEGATIVE,
@@ -255,7 +263,7 @@ def load_hparams(cls: type, method: str, model: str, path: str | Path | None = N
         if not p.exists():
             raise UserError(f"hparams file {p} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"hparams file {p}: not valid YAML ({exc})") from exc
         data.update(loaded)

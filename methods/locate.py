@@ -31,7 +31,7 @@ from methods.keys import (
     parse_template_texts,
 )
 from methods.solvers import nullspace_projector, spread_residual
-from methods.targets import TargetHparams
+from methods.targets import StopRule, TargetHparams
 
 
 @dataclass
@@ -173,6 +173,16 @@ def prepare(lm: LoadedModel, hp: LocateHparams) -> None:
     templates_for(lm, hp)
 
 
+def start_batch(lm: LoadedModel, hp: LocateHparams
+                ) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
+    """A batch's first step outside :func:`edit_batch`: the layers checked, the projectors
+    (the phi diagnostic; cached) and the timings dict with their ``stats_s``."""
+    check_layers(lm, hp.layers)
+    t0 = time.perf_counter()
+    P = projectors(lm, hp, hp.layers)
+    return P, {"stats_s": time.perf_counter() - t0}
+
+
 #: solver(layer, R (d_out, n), K (d_in, n), K_plain (d_in, n)) -> A (n, d_in), Delta = R A.
 #: K: the context-averaged keys; K_plain: the plain rewrite prompt's keys (ROME's denominator)
 Solver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -253,8 +263,11 @@ def edit_batch(lm: LoadedModel, requests: Sequence[EditRequest], hp: LocateHpara
                solver_for: Callable[[LocateHparams, dict[str, Any]], Solver],
                state: dict[str, Any],
                refine: Callable[..., tuple[torch.Tensor, list[dict[str, Any]]]] | None = None,
+               stop_rule: StopRule | None = None,
                ) -> tuple[list[dict[str, Any]], WriteResult, dict[str, float]]:
-    """Targets -> (optional refinement of V, MetaKE) -> multi-layer write -> diagnostics."""
+    """Targets -> (optional refinement of V, MetaKE) -> multi-layer write -> diagnostics.
+    ``stop_rule``: an extra stopping rule of the target step (ENCORE's MPES;
+    :func:`methods.targets.compute_targets`)."""
     check_layers(lm, hp.layers)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -264,7 +277,8 @@ def edit_batch(lm: LoadedModel, requests: Sequence[EditRequest], hp: LocateHpara
     t0 = time.perf_counter()
     from methods.targets import compute_targets
 
-    Z0, V, info, problem = compute_targets(lm, requests, hp.layers[-1], hp, templates)
+    Z0, V, info, problem = compute_targets(lm, requests, hp.layers[-1], hp, templates,
+                                           stop_rule=stop_rule)
     timings["target_s"] = time.perf_counter() - t0
     if refine is not None:
         t0 = time.perf_counter()

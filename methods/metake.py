@@ -30,6 +30,9 @@ The proxy does not apply where the lower level is not linear in the target: PRUN
 singular values of the accumulated edit are restrained by a log map), RECT (only the top-k%
 relative changes of each weight are kept: a data-dependent mask) and FT-L (gradient steps).
 r-ROME is ROME's closed form with a different key (``solver: rome`` covers that solve).
+Over ENCORE (``solver: encore``, arm ``metake-encore``) the lower level is ENCORE's
+norm-constrained write with the earlier batches' keys (:mod:`methods.encore`); MPES, a rule
+of the open-loop target step, is not part of it (the upper level replaces that step's result).
 
 ``proxy: false`` is the ablation S := I (``metake-noproxy``): the same outer steps with the
 target added at the subject site as in the open-loop step, i.e. without the solver in the
@@ -47,7 +50,7 @@ import torch
 
 from harness.errors import UserError
 from harness.models import LoadedModel
-from methods import alignment, alphaedit, emmet, memit, rome
+from methods import alignment, alphaedit, emmet, encore, memit, rome
 from methods.base import EditOutcome, EditRequest
 from methods.keys import averaged_keys, value_module
 from methods.locate import Solver, edit_batch, layer_statistics, projectors
@@ -57,7 +60,9 @@ from methods.solvers import alphaedit_A, emmet_A, memit_A, rome_A
 from methods.targets import TargetProblem, add_at_sites
 
 NAME = "metake"
-SOLVERS = ("alphaedit", "memit", "rome", "emmet")
+SOLVERS = ("alphaedit", "memit", "rome", "emmet", "encore")
+#: lower levels whose solve carries the earlier batches' keys (state ``prev_cov.<layer>``)
+ACCUMULATING = ("alphaedit", "encore")
 WRITE_PLANS = ("spread", "blue")
 
 
@@ -66,8 +71,9 @@ class Hparams(alphaedit.Hparams):
     """Upper level: ``outer_steps`` Adam steps of size ``outer_lr`` on V, locality weight
     ``beta``, proximity weight ``gamma`` (scaled by |z0|^2 per edit), targets clamped to
     ``outer_clamp_factor * |z0|`` from z0. ``solver``: the lower level (alphaedit | memit |
-    rome | emmet); ``mom2_update_weight`` is MEMIT's lambda (and EMMET's lambda_m) when
-    solver is memit (emmet), ``emmet_lambda`` / ``update_norm_lambda`` EMMET's mu_e / mu_u
+    rome | emmet | encore); ``mom2_update_weight`` is MEMIT's lambda (and EMMET's and
+    ENCORE's lambda_m) when solver is memit (emmet, encore), ``emmet_lambda`` /
+    ``update_norm_lambda`` EMMET's mu_e / mu_u (ENCORE's norm constraint mu)
     (:mod:`methods.emmet`). ``proxy_layer``: layer carrying the proxy (None: the last edited
     layer). ``write_plan``: ``spread`` (the solver's own: one target at the last layer, the
     residual spread over ``layers``) or ``blue`` (BLUE's: each listed layer its own target,
@@ -120,6 +126,10 @@ def proxy_A(lm: LoadedModel, hp: Hparams, layer: int, K1: torch.Tensor, P: dict[
     if hp.solver == "emmet":
         ridge = hp.emmet_lambda if K.shape[1] > 1 else 0.0
         return emmet_A(K, emmet.preservation_matrix(C0[layer].double(), hp), ridge)
+    if hp.solver == "encore":
+        prev = state.get(alphaedit.state_key(layer))
+        return encore.encore_A(K, C0[layer].double(), hp.mom2_update_weight,
+                               hp.update_norm_lambda, None if prev is None else prev.double())
     return rome_A(K[:, 0], C0[layer].double())
 
 
@@ -241,6 +251,9 @@ def _solver(lm: LoadedModel, hp: Hparams, state: dict[str, Any]) -> Solver:
         return memit.solver_for(lm, hp)
     if hp.solver == "emmet":
         return emmet.solver_for(lm, hp)
+    if hp.solver == "encore":
+        return encore.solver_for(lm, hp, state, hp.mom2_update_weight, hp.update_norm_lambda,
+                                 True)
     return rome.solver_for(lm, hp)
 
 
@@ -257,7 +270,7 @@ def edit_with(lm: LoadedModel, requests: list[EditRequest], hp: Hparams,
 
         diags, written, timings = edit_blue(lm, requests, hp, _solver(lm, hp, state),
                                             refine_at)
-        if hp.solver == "alphaedit":
+        if hp.solver in ACCUMULATING:
             state = alphaedit.accumulate(state, written.keys)
         return EditOutcome(diagnostics=diags, state=state, timings=timings)
     groups = [[r] for r in requests] if hp.solver == "rome" else [requests]
@@ -266,7 +279,7 @@ def edit_with(lm: LoadedModel, requests: list[EditRequest], hp: Hparams,
     for group in groups:
         d, written, t = edit_batch(lm, group, hp, lambda h, st: _solver(lm, h, st), state,
                                    refine=refine_fn)
-        if hp.solver == "alphaedit":
+        if hp.solver in ACCUMULATING:
             state = alphaedit.accumulate(state, written.keys)
         diags += d
         for k, v in t.items():

@@ -39,12 +39,18 @@ __all__ = [
     "compute_dtype",
     "emmet_A",
     "emmet_update",
+    "lifelong_normalize",
+    "lifelong_stats_update",
     "memit_A",
     "memit_update",
     "nullspace_projector",
     "rome_A",
     "rome_update",
+    "select_neurons",
     "spread_residual",
+    "subspace_memit_A",
+    "ultraedit_A",
+    "ultraedit_values",
 ]
 
 
@@ -426,3 +432,113 @@ def emmet_update(R: Tensor, K1: Tensor, C0: Tensor, ridge: float = 0.0) -> Tenso
     A = emmet_A(K1, C0, ridge)
     _check_residual(R, A)
     return R.to(A.dtype) @ A
+
+
+# --------------------------------------------------------------------------------------------
+# NSE (neuron-level sequential editing)
+# --------------------------------------------------------------------------------------------
+
+
+def select_neurons(K1: Tensor, threshold: float) -> Tensor:
+    """NSE's neuron selection (Jiang et al. 2024, released ``nse_main``): the input neurons
+    (rows of the keys) that carry the edit keys' activation mass.
+
+    ``K1`` ``(d_in, n)``: with scores ``s = sum_j |K1[:, j]|`` ``(d_in,)`` (summed over the
+    requests in order) sorted descending,
+    keep the longest prefix of the sorted indices whose cumulative score is at most
+    ``threshold * sum(s)``. Computed in ``K1``'s dtype with the release's operations (sort,
+    cumsum, sum), so that at ``threshold = 1`` the rounding of the last few cumulative sums
+    decides exactly as there. Returns the indices ``(m,)`` (long, in sorted order). Raises
+    :class:`NumericalError` if no neuron qualifies (the first score alone exceeds the share).
+    """
+    _check_shape(K1, "K1", 2)
+    _check_finite(K1, "K1")
+    scores = torch.zeros_like(K1[:, 0])
+    for j in range(K1.shape[1]):  # the release's loop: the same float sums in the same order
+        scores = scores + K1[:, j].abs()
+    sorted_scores, order = torch.sort(scores, descending=True)
+    within = torch.nonzero(torch.cumsum(sorted_scores, 0) <= threshold * scores.sum())[:, 0]
+    if len(within) == 0:
+        raise NumericalError(f"no neuron within {threshold} of the key mass")
+    return order[: int(within[-1]) + 1]
+
+
+def subspace_memit_A(K1: Tensor, C: Tensor, neurons: Tensor) -> Tensor:
+    """MEMIT's solve restricted to the input neurons ``S = neurons`` (NSE's update):
+    ``A[:, S] = K_S^T (C_SS + K_S K_S^T)^-1`` and ``A[:, j] = 0`` for ``j`` not in ``S``.
+
+    ``K1`` ``(d_in, n)``, ``C`` ``(d_in, d_in)`` the preservation matrix (NSE:
+    ``lambda C0 + K_p K_p^T``), ``neurons`` ``(m,)`` indices. Returns ``A`` ``(n, d_in)``; the
+    update ``Delta = R A`` changes only the columns ``S`` of W (the weights read from the
+    selected neurons).
+    """
+    _check_keys(K1)
+    _check_square(C, "C", K1.shape[0])
+    K, CC = _prepare(K1, C)
+    _check_finite(CC, "C")
+    idx = neurons.to(device=K.device, dtype=torch.long)
+    A = torch.zeros(K.shape[1], K.shape[0], dtype=K.dtype, device=K.device)
+    A[:, idx] = memit_A(K[idx], CC[idx][:, idx], 1.0)
+    return A
+
+
+# --------------------------------------------------------------------------------------------
+# UltraEdit (lifelong normalisation, closed-form shift)
+# --------------------------------------------------------------------------------------------
+
+
+def lifelong_stats_update(n: Tensor, mean: Tensor, var: Tensor, X: Tensor
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """UltraEdit's running feature statistics (``RunningMeanStd.update`` of the release) after
+    the rows of ``X`` ``(m, d)``: with ``mu_X`` and ``s2_X`` the mean and the unbiased variance
+    of the rows,
+
+        n' = n + m,  delta = mu_X - mean,  mean' = mean + m delta / n',
+        var' = var + m s2_X + n m delta^2 / n'
+
+    (``var`` accumulates ``m s2_X``, not the ``(m - 1) s2_X`` of an exact pooled sum of
+    squares, as the release does). ``n`` ``(1,)``, ``mean``/``var`` ``(d,)``. A single row
+    (``m = 1``) has no unbiased variance (the release gets NaN); it contributes 0 here.
+    Returns ``(n', mean', var')`` in ``X``'s dtype.
+    """
+    _check_shape(X, "X", 2)
+    _check_finite(X, "X")
+    m = X.shape[0]
+    n = n.to(X.dtype)
+    new_n = n + m
+    delta = X.mean(0) - mean.to(X.dtype)
+    s2 = X.var(0) if m > 1 else torch.zeros_like(delta)
+    new_mean = mean.to(X.dtype) + m * delta / new_n
+    new_var = var.to(X.dtype) + m * s2 + n * m * delta.pow(2) / new_n
+    return new_n, new_mean, new_var
+
+
+def lifelong_normalize(X: Tensor, n: Tensor, mean: Tensor, var: Tensor,
+                       eps: float | None = None) -> Tensor:
+    """UltraEdit's lifelong normalisation of the rows of ``X`` ``(m, d)``:
+    ``(X - mean) / (std + eps)`` with ``std = sqrt(var / (n - 1 + eps))`` (the statistics of
+    :func:`lifelong_stats_update`; ``eps`` the float32 machine epsilon, as the release)."""
+    eps = torch.finfo(torch.float32).eps if eps is None else eps
+    std = (var.to(X.dtype) / (n.to(X.dtype) - 1 + eps)).sqrt()
+    return (X - mean.to(X.dtype)) / (std + eps)
+
+
+def ultraedit_values(K_hat: Tensor, G_hat: Tensor, lr: float) -> Tensor:
+    """UltraEdit's value features: ``V[:, t] = -lr |k_hat_t|^2 g_hat_t`` for the normalised key
+    and gradient of every token ``t``: ``K_hat`` ``(d_in, N)``, ``G_hat`` ``(d_out, N)``.
+    Returns ``V`` ``(d_out, N)``."""
+    return -lr * (K_hat * K_hat).sum(0, keepdim=True) * G_hat
+
+
+def ultraedit_A(K: Tensor, ridge: float = 1.0) -> Tensor:
+    """UltraEdit's closed form as an A-matrix: ``A = (K^T K + ridge I)^-1 K^T`` ``(N, d_in)``
+    for the raw keys ``K`` ``(d_in, N)`` of the batch's N answer tokens, so that
+    ``Delta = V A = V K^T (K K^T + ridge I)^-1`` (push-through identity; the release solves the
+    ``(d_in, d_in)`` form ``(K K^T + I) Delta^T = K V^T``): the minimiser of
+    ``|Delta K - V|_F^2 + ridge |Delta|_F^2``. ``ridge`` is 1 in the release.
+    """
+    _check_keys(K)
+    (KK,) = _prepare(K)
+    G = KK.mT @ KK  # (N, N)
+    G = G + ridge * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return _solve_spd(G, KK.mT, "K^T K + ridge I")

@@ -118,6 +118,9 @@ class TargetProblem:
     ``site_rows``/``site_cols`` (n_rows,): where each row's subject ends; ``owner`` (n_rows,):
     the request of each row; ``tgt_*``: the positions predicting target tokens, their token
     ids, and the row each belongs to; ``kl_rows`` (n,): the KL row of each request.
+    ``last_correct``: after each :meth:`losses` call, (rows, correct) of the target tokens it
+    scored: each token's row and whether the token is the argmax there (a stop rule's input,
+    e.g. ENCORE's most-probable early stopping).
     """
 
     lm: LoadedModel
@@ -135,6 +138,7 @@ class TargetProblem:
     kl_rows: torch.Tensor
     plain_rows: torch.Tensor
     init_kl_logp: torch.Tensor | None = None
+    last_correct: tuple[torch.Tensor, torch.Tensor] | None = None
     prefix: dict[str, Any] | None = None
     start: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -142,7 +146,10 @@ class TargetProblem:
 
     @classmethod
     def build(cls, lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str],
-              kl_prompt: str = "{} is a") -> TargetProblem:
+              kl_prompt: str = "{} is a", target_space: bool = True) -> TargetProblem:
+        """``target_space``: the target is tokenised after the prompt with the space
+        :func:`harness.scoring.encode_pair` puts before it (every method); False tokenises
+        ``target_new`` alone, without that space (NSE's released pre-pass does so)."""
         tok = lm.tokenizer
         seqs: list[list[int]] = []
         site_cols: list[int] = []
@@ -157,6 +164,8 @@ class TargetProblem:
             for t, ctx in enumerate(templates):
                 site = subject_site(tok, r.prompt, r.subject, prefix=ctx)
                 p_ids, t_ids = encode_pair(tok, site.text, r.target_new)
+                if not target_space:
+                    t_ids = tok(r.target_new, add_special_tokens=False)["input_ids"]
                 row = len(seqs)
                 if t == 0:
                     plain_rows.append(row)
@@ -360,6 +369,7 @@ class TargetProblem:
         logp = torch.log_softmax(logits, dim=-1)
         n_t = len(tgt_rows)
         tok_lp = logp[:n_t].gather(1, tgt_ids[:, None])[:, 0]
+        self.last_correct = (tgt_rows, (logp[:n_t].detach().argmax(-1) == tgt_ids))
         n_rows = self.input_ids.shape[0]
         per_row = torch.zeros(n_rows, device=tok_lp.device, dtype=tok_lp.dtype)
         per_row = per_row.index_add(0, tgt_rows, -tok_lp)
@@ -432,16 +442,25 @@ def site_states(lm: LoadedModel, problem: TargetProblem, layer: int,
                          problem.site_cols[rows]].float().T.contiguous()
 
 
+#: stop_rule(problem, active) -> (n,) bool: requests to stop now (before this iteration's
+#: update), called after every loss evaluation with ``active`` (n,) the requests it ran
+StopRule = Callable[[TargetProblem, torch.Tensor], torch.Tensor]
+
+
 def compute_targets(lm: LoadedModel, requests: Sequence[EditRequest], layer: int,
-                    hp: TargetHparams, templates: Sequence[str]
+                    hp: TargetHparams, templates: Sequence[str],
+                    stop_rule: StopRule | None = None, target_space: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]], TargetProblem]:
     """Open-loop targets at decoder layer ``layer``.
 
     Returns Z0 (d_model, n) unedited states, V = Z0 + delta (d_model, n), per-request info
     (initial/final NLL, steps, |delta|, whether clamped) and the problem (reused by MetaKE).
+    ``stop_rule`` (e.g. ENCORE's most-probable early stopping) stops requests in addition to
+    the loss threshold ``stop_loss``, at the same point of the loop. ``target_space``:
+    :meth:`TargetProblem.build`.
     """
     site = hp.value_site
-    problem = TargetProblem.build(lm, requests, templates, hp.kl_prompt)
+    problem = TargetProblem.build(lm, requests, templates, hp.kl_prompt, target_space)
     z0 = site_states(lm, problem, layer, site)
     if hp.prefix_cache:
         problem.enable_prefix_cache()
@@ -466,6 +485,8 @@ def compute_targets(lm: LoadedModel, requests: Sequence[EditRequest], layer: int
             if step == 0:
                 first_nll = nll.detach().cpu()
             last_nll = torch.where(frozen.cpu(), last_nll, nll.detach().cpu())
+            if stop_rule is not None:
+                frozen |= stop_rule(problem, ~frozen)
             frozen |= loss.detach() < hp.stop_loss
             if bool(frozen.all()):
                 break

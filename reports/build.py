@@ -9,6 +9,9 @@ compared case by case must also share model weights and the preset (``config.pre
 every table names each method's preset. Claims T1-T8 of ``docs/METAKE.md`` form one Holm
 family over all groups and presets; the pairwise comparisons another. Runs with failed edits
 are flagged at the top of the report.
+
+``index.html`` (:mod:`reports.html`): the same report as one self-contained page, with sortable
+tables, inline SVG figures and a per-case explorer.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from reports import claims as claims_mod
+from reports import html as html_report
 from reports import paper, plots, tables
 from reports.load import (
     Runs,
@@ -31,43 +35,50 @@ from reports.load import (
     load_runs,
     model_name_of,
     preset_of,
+    revision_notes,
     seed_of,
     suite_of,
 )
 
 METHODS_TEXT = """\
-* Inference unit: in sequential runs the batch (its edits share one edited model and one point
-  of the sequence; batch b holds the same cases in every seed), in batch mode the case. Seeds
-  are averaged per case before any case-level test. With two or more seeds the run is a
-  second cluster (all cases of a sequential run are scored on its one final model): a
-  two-way seed x unit t test (ANOVA variance components, Satterthwaite df; Cameron, Gelbach
-  & Miller 2011) joins every paired test and interval, the larger p and the union of the
-  intervals; with one seed the inference is conditional on that run. Every caption and claim
-  row names its unit and the number of clusters.
+* Intention to treat: a failed edit counts as a failure in the edit's success rates (Eff,
+  Gen, their generation-based forms), and every other outcome is the value measured on the
+  model the failure left (batch mode: the unedited model; sequential: the final model);
+  every table that reports a method counts its failed edits (n_failed).
+* Inference unit: the batch (its edits share one weight update; in sequential runs also one
+  point of the sequence; batch b holds the same cases in every seed), in batch mode as in
+  sequential runs; with single edits in batch mode, the case. Seeds are averaged per case
+  before any case-level test. With two or more seeds the run is a second cluster (all cases
+  of a run are scored on its models): a two-way seed x unit t test (ANOVA variance
+  components, Satterthwaite df; Cameron, Gelbach & Miller 2011) joins every paired test and
+  interval, the larger p and the union of the intervals; with one seed the inference is
+  conditional on that run. Every caption and claim row names its unit and the number of
+  clusters.
 * Means with 95% wild cluster bootstrap-t intervals (Cameron, Gelbach & Miller 2008; Webb's
   six-point weights for few clusters, CR1 standard errors), seeded. With few batches the
   interval widens; there is no fallback to resampling cases. Score (a harmonic mean): cluster
-  bootstrap with at least 10 clusters, else no interval.
+  bootstrap with at least 10 units, else no interval.
 * Paired comparisons by case over the seeds both methods share: the mean difference with a
   cluster sign-flip randomisation test (exact over all 2^G sign patterns for up to 12
   clusters, Monte Carlo above; for 0/1 outcomes with the case as unit the exact McNemar test,
   statsmodels) and a wild cluster bootstrap-t interval.
-* T1: AUC = U/(n1 n2), p-value by permuting cases within batches, jointly over seeds. T4: cases
-  matched on the baseline's outcome within batches; sign concordance of (baseline rho,
-  MetaKE outcome), sign-flip test over pairs (a ceiling cannot produce it). T6:
+* T1: AUC over the (success, failure) pairs within a batch and run, p-value by permuting cases
+  within batches, jointly over seeds. T4: cases matched on the baseline's outcome within
+  batches; sign concordance of (baseline rho, MetaKE outcome), its test, interval and MDE on
+  the pairs' sign products clustered by batch (a ceiling cannot produce it). T6:
   non-inferiority by a one-sided cluster sign-flip test against -margin. T7's negative
   control: equivalence by two one-sided tests (TOST) with a stated margin. T8: Spearman of
   per-batch means against the batch index, permutation p-value (batches are the units).
 * Every claim row states its minimum detectable effect at 80% power (alpha 0.05, unadjusted);
-  "not supported" with a large MDE means underpowered. Failed edits count as failures in the
-  success rates (intention to treat) and are counted (n_failed).
-* Holm's step-down correction (Holm 1979, statsmodels): one family for all claim tests (all
-  suites, models and presets), one for the pairwise table. A directional claim is supported
-  when its Holm-adjusted p < alpha and the effect has the claimed sign; data that contradicts
-  a claim gives "not supported"; a claim whose runs or diagnostics are missing is reported as
-  not testable, never dropped. The calibration of these tests (false support <= 0.08 at alpha
-  0.05 on simulated null studies; power on planted effects) is checked by
-  tests/test_calibration.py.
+  "not supported" with a large MDE means underpowered.
+* Holm's step-down correction (Holm 1979): one family for all claim tests (all suites, models
+  and presets), one for the pairwise table. A directional claim is supported when its
+  Holm-adjusted p < alpha and the effect has the claimed sign; data that contradicts a claim
+  gives "not supported"; a claim whose runs or diagnostics are missing is reported as not
+  testable, never dropped. The paper table's bold: the top row better than every other row
+  by two-sided paired tests, Holm within the column. The calibration of these tests (false
+  support within each sub-test's nominal level, power on planted effects near the MDE, at
+  10 and 20 batches, with run effects) is checked by tests/test_calibration.py.
 """
 
 
@@ -101,8 +112,8 @@ def _failure_lines(runs: Runs) -> list[str]:
         errors = "; ".join(dict.fromkeys(str(e) for e in g["error"].dropna()))[:200]
         out.append(f"- **{rid}** ({runs.arm_of(str(rid))}): {len(g)} of "
                    f"{int((f['run_id'] == rid).sum())} edits failed ({errors or 'no message'}); "
-                   f"they count as failures in Eff/Gen and are missing from margins and "
-                   f"diagnostics")
+                   f"by intention to treat they count as failures in Eff/Gen and keep the "
+                   f"outcomes measured on the model they left; no diagnostics")
     return out
 
 
@@ -233,8 +244,10 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
     claim_rows: list[dict[str, Any]] = []
     pair_rows: list[dict[str, Any]] = []
     figures: list[plots.Figure] = []
+    results: list[tuple[str, list[tables.Table]]] = []
     for (suite, model), g in groups:
         section_lines += [f"### {suite} / {model}", ""]
+        results.append((f"{suite} / {model}", []))
         main = tables.main_table(g, n_resamples, seed)
         for t in (main, tables.outcome_table(g, n_resamples, seed),
                   tables.generation_table(g, n_resamples, seed),
@@ -242,6 +255,7 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
                   tables.downstream_table(g)):
             if t is not None:
                 section_lines += _table_block(t, tables.write_table(t, tdir), out)
+                results[-1][1].append(t)
         if main is None:
             section_lines += [f"_No usual metric of {suite} recorded._", ""]
         presets = g.presets()
@@ -254,8 +268,10 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
                                          suffix="" if len(presets) == 1 else preset)
 
     paper_lines: list[str] = []
+    paper_tabs: list[tables.Table] = []
     for t in _paper_tables(groups, n_resamples, seed, alpha):
         paper_lines += _table_block(t, tables.write_table(t, tdir), out)
+        paper_tabs.append(t)
 
     pairwise = tables.pairwise_table(pair_rows, baseline, alpha)
     detail = claims_mod.finalise(claim_rows, alpha)
@@ -269,6 +285,7 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
     arms = list(dict.fromkeys(tables.arm_label(a, p) for a, p in
                               zip(runs.frame["arm"], runs.frame["preset"], strict=True)))
     failures = _failure_lines(runs)
+    mixed = [f"- {x}" for x in revision_notes(runs)]
     lines = [
         "# Knowledge-editing report", "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %z')} by `keh report` from "
@@ -278,6 +295,8 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
         f"alpha {alpha}; {n_resamples} bootstrap resamples, seed {seed}.", "",
         *(["**Runs with failed edits** (intention to treat: failures in the success rates):",
            "", *failures, ""] if failures else []),
+        *(["**Mixed code revisions**: results below compare code that differs:", "",
+           *mixed, ""] if mixed else []),
         "## Runs", "", *_table_block(runs_tab, runs_paths, out),
         "## Data", "", *_data_lines(runs), "",
         "## Models", "", *_model_lines(runs), "",
@@ -305,4 +324,12 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
     lines += ["## Methods", "", METHODS_TEXT]
     index = out / "index.md"
     index.write_text("\n".join(lines), encoding="utf-8")
+    html_report.write_html(out, html_report.ReportContent(
+        runs=runs, groups=groups, runs_table=runs_tab, failures=failures, mixed=mixed,
+        settings={"baseline": baseline, "treatment": treatment, "alpha": alpha,
+                  "n_resamples": n_resamples, "seed": seed},
+        data_lines=_data_lines(runs), model_lines=_model_lines(runs),
+        hparams_lines=_hparams_lines(runs), versions=_versions_table(runs),
+        cost=_cost_table(runs), results=results, paper=paper_tabs, pairwise=pairwise,
+        claims_summary=csum, claims_detail=cdet, figures=figures, methods_text=METHODS_TEXT))
     return index

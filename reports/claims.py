@@ -3,19 +3,19 @@
 Every test function returns a list of result rows (a claim may need several sub-tests), each a
 dict with ``claim, test, statistic, value, ci_lo, ci_hi, p, p_holm, n, unit, n_clusters, mde,
 falsified_if, verdict, detail`` (plus ``suite, model, preset``). :func:`run_claims` runs all
-eight; :func:`finalise` applies Holm's correction (Holm 1979, statsmodels ``multipletests``)
+eight; :func:`finalise` applies Holm's correction (Holm 1979, :func:`reports.inference.holm`)
 over every row with a p-value in the report (the family: tests x models x datasets x presets)
 and sets the verdicts; :func:`summarise` gives one verdict per claim.
 
-Inference unit (stated in every row's ``unit``)
-* Runs of two arms are paired by seed (the seeds both arms have) and case; a case's value is
-  its mean over those seeds (seeds averaged per case before any case-level test). Without a
-  common seed, runs pair only if they share the model's weights.
-* Sequential runs: the **batch** is the cluster (its cases share one edited model and the
-  same point of the sequence; batch b holds the same cases in every seed). Batch mode: the
-  case (with its seeds averaged) is the unit.
-* Seeds as a second cluster: a sequential run scores every case on its one final model, so a
-  run moves all its cases together (measured on SmolLM2, 3 seeds: half the variance of
+Inference unit (stated in every row's ``unit``): the core's, :mod:`reports.paired`
+* Runs of two arms are paired by seed (the seeds both arms have, else the k-th of each) and
+  case; a case's value is its mean over the paired seeds. Every outcome comes in by
+  intention to treat (failed edits counted, :mod:`reports.load`).
+* The unit is the batch: its cases share one weight update (and, in sequential runs, one
+  point of the sequence; batch b holds the same cases in every seed), in batch mode as in
+  sequential runs; with batches of one edit, the case.
+* Seeds as a second cluster: every case of a run is scored on that run's models, so a run
+  moves all its cases together (measured on SmolLM2, 3 seeds: half the variance of
   MetaKE - AlphaEdit fluency). With two or more paired seeds every location test below is
   joined by the two-way seed x unit t test (:func:`reports.inference.seed_batch_t_test`):
   the row takes the larger p, the union of the intervals and the larger MDE. With one seed
@@ -24,15 +24,18 @@ Inference unit (stated in every row's ``unit``)
   paired difference (exact for up to 12 clusters; :mod:`reports.inference`), with a wild
   cluster bootstrap-t interval (Webb weights). No fallback to resampling cases: with few
   batches the interval widens and a test that cannot reach alpha says so in its MDE.
-* T1: AUC of the baseline's rho / phi separating its successes from its failures (every
-  seed's edit of a case is one observation); p-value by permuting cases within batches,
-  jointly over seeds.
-* T4 (redesigned; a ceiling cannot produce it): within batches, cases are paired by the
-  baseline's outcome (neighbours in y_base); the claim predicts that in each pair the case
-  with the lower baseline rho has the higher MetaKE outcome. Statistic: mean sign
-  concordance of (rho_base, y_MetaKE) over the pairs; p by a sign-flip test of the products
-  of rank differences (pairs independent). At equal baseline outcome a ceiling on y_MetaKE
-  only pushes the statistic towards 0 or above (conservative).
+* T1: AUC of the baseline's rho / phi separating its successes from its failures over the
+  (success, failure) pairs within one batch and one run (every seed's edit of a case is one
+  observation); p-value by permuting cases within batches, jointly over seeds: the statistic
+  and its null use the same pairs, so a decline across batches (later batches lower in rho
+  and in success) never counts. With single edits: one stratum, the ordinary AUC.
+* T4 (a ceiling cannot produce it): within units, cases are paired by the baseline's outcome
+  (neighbours in y_base); the claim predicts that in each pair the case with the lower
+  baseline rho has the higher MetaKE outcome. Statistic: mean sign concordance of
+  (rho_base, y_MetaKE) over the pairs; its test (cluster sign-flip), interval (wild cluster
+  bootstrap-t) and MDE all on the pairs' sign products, clustered by the batch that holds
+  each pair (the pair itself with single edits). At equal baseline outcome a ceiling on
+  y_MetaKE only pushes the statistic towards 0 or above (conservative).
 * T6: non-inferiority with margin ``Settings.margin`` points, one-sided cluster sign-flip
   test of H0 mean(d) <= -margin. T7's negative control: equivalence by two one-sided tests
   (TOST) with margin ``Settings.equivalence`` (primary outcome's units).
@@ -58,12 +61,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from statsmodels.stats.contingency_tables import mcnemar
 
-from harness.errors import UserError
 from reports import inference as inf
-from reports import stats
-from reports.load import Runs, check_comparable
+from reports.load import Runs
+from reports.paired import (
+    NotTestable,
+    Paired,
+    location_test,
+    pair,
+    paired_test,
+    short,
+    units_of,
+)
 
 ALPHA = 0.05
 NI_MARGIN = 1.0  # points on the table's scale (percent for rates)
@@ -111,10 +120,6 @@ CLAIMS: dict[str, tuple[str, str]] = {
 ANY_OF = {"T1"}  # T1: low rho or low phi predicts failure; all others need every sub-test
 
 
-class NotTestable(Exception):
-    """A test lacks runs or data; the message says which."""
-
-
 @dataclass
 class Settings:
     baseline: str = ALPHAEDIT
@@ -128,57 +133,7 @@ class Settings:
     n_draws: int = inf.DEFAULT_DRAWS
 
 
-# ---------------------------------------------------------------- pairing
-@dataclass
-class Paired:
-    """Case-aligned values of two arms: ``frame`` indexed by case id with x, y, batch."""
-
-    frame: pd.DataFrame
-    seeds: list[Any]
-    runs_x: list[str]
-    runs_y: list[str]
-    sequential: bool
-    n_failed: int = 0  # cases with a failed edit in either arm (any paired seed)
-    #: with two or more paired seeds: x, y per (seed, case_id) (MultiIndex), else None
-    by_seed: pd.DataFrame | None = None
-
-    def cells(self, which: str = "diff", scale: float = 1.0) -> np.ndarray | None:
-        """The (seeds, units) table of cell means of ``scale * (x - y)`` (``which="diff"``)
-        or of ``scale * x`` (``"x"``), for the two-way seed x unit test; None with fewer
-        than two paired seeds. Units follow :attr:`units` (batch, or case in batch mode)."""
-        if self.by_seed is None or self.by_seed.empty:
-            return None
-        f = self.by_seed
-        v = (f["x"] - f["y"]) if which == "diff" else f["x"]
-        case = f.index.get_level_values("case_id")
-        batch = self.frame["batch"].reindex(case).to_numpy()
-        unit = batch if self.sequential else np.asarray(case, dtype=object)
-        table = pd.DataFrame({"seed": f.index.get_level_values("seed"), "unit": unit,
-                              "v": scale * v.to_numpy(float)})
-        out = table.groupby(["seed", "unit"])["v"].mean().unstack("unit")
-        return out.to_numpy(float) if len(out) >= 2 else None
-
-    @property
-    def units(self) -> np.ndarray:
-        """Inference units: the batch in sequential runs, else the case."""
-        if self.sequential:
-            return ("b:" + self.frame["batch"].astype(str)).to_numpy(object)
-        return ("c:" + self.frame.index.astype(str)).to_numpy(object)
-
-    @property
-    def groups(self) -> np.ndarray | None:
-        """Cluster labels for a bootstrap (batches of sequential runs), else None (cases)."""
-        return self.units if self.sequential else None
-
-    def unit_name(self) -> str:
-        g = len(set(self.units))
-        seeds = (f"{len(self.seeds)} seeds averaged per case; seed x unit two-way test too"
-                 if len(self.seeds) > 1 else "one seed: conditional on the run")
-        if self.sequential:
-            return f"batch ({g} clusters; {seeds})"
-        return f"case ({g}; {seeds})"
-
-
+# ---------------------------------------------------------------- arms
 def arm_rows(runs: Runs, arm: str) -> pd.DataFrame:
     return runs.rows_of(arm)
 
@@ -198,98 +153,7 @@ def require(runs: Runs, arms: Sequence[str], columns: Sequence[str] = ()) -> Non
         raise NotTestable(f"no {'; no '.join(lacking)}")
 
 
-def _short(column: str) -> str:
-    return column.removeprefix("diag_")
-
-
-def case_means(rows: pd.DataFrame, column: str, case_order: Sequence[str]) -> pd.Series:
-    """A column's per-case mean over the runs in ``rows`` (seeds), in ``case_order``."""
-    return rows.groupby("case_id", sort=False)[column].mean().reindex(case_order)
-
-
-def _seed_runs(rows: pd.DataFrame) -> dict[Any, list[str]]:
-    """seed -> run ids of ``rows``."""
-    ids = rows[["seed", "run_id"]].drop_duplicates()
-    out: dict[Any, list[str]] = {}
-    for seed, rid in zip(ids["seed"], ids["run_id"], strict=True):
-        out.setdefault(seed, []).append(str(rid))
-    return out
-
-
-def _case_info(runs: Runs, arm: str, seeds: tuple[Any, ...]) -> tuple[pd.DataFrame, list[str]]:
-    """(rows of ``arm`` restricted to ``seeds``, case order), memoised on ``runs``."""
-    key = ("rows", arm, seeds)
-    if key not in runs.cache:
-        rows = arm_rows(runs, arm)
-        if seeds:
-            rows = rows[rows["seed"].isin(seeds)]
-        order = [str(c) for c in (runs.manifests[str(rows["run_id"].iloc[0])].get("data")
-                                  or {}).get("case_ids") or rows["case_id"].unique()]
-        runs.cache[key] = (rows, order)
-    return runs.cache[key]
-
-
-def _case_stat(runs: Runs, arm: str, seeds: tuple[Any, ...], column: str) -> pd.Series:
-    """Per-case mean of ``column`` (``batch``: first; ``failed``: any) over the runs of
-    ``arm`` with ``seeds``, in case order; memoised."""
-    key = ("stat", arm, seeds, column)
-    if key not in runs.cache:
-        rows, order = _case_info(runs, arm, seeds)
-        g = rows.groupby("case_id", sort=False)[column]
-        agg = g.first() if column == "batch" else g.any() if column == "failed" else g.mean()
-        runs.cache[key] = agg.reindex(order)
-    return runs.cache[key]
-
-
-def pair(runs: Runs, arm_x: str, arm_y: str, col_x: str, col_y: str | None = None) -> Paired:
-    """Pair ``col_x`` of ``arm_x`` with ``col_y`` (default the same) of ``arm_y`` by seed and
-    case (see the module notes); raises :class:`NotTestable` if runs are missing or not
-    comparable."""
-    col_y = col_y or col_x
-    require(runs, [arm_x], [col_x])
-    require(runs, [arm_y], [col_y])
-    for arm in (arm_x, arm_y):
-        if ("seeds", arm) not in runs.cache:
-            runs.cache[("seeds", arm)] = _seed_runs(arm_rows(runs, arm))
-    sx, sy = runs.cache[("seeds", arm_x)], runs.cache[("seeds", arm_y)]
-    common = tuple(sorted(set(k for k in sx if pd.notna(k)) & set(k for k in sy
-                                                                  if pd.notna(k))))
-    if common:
-        pairs = [(a, b) for seed in common for a in sx[seed] for b in sy[seed]]
-    else:
-        ids = [r for v in sx.values() for r in v] + [r for v in sy.values() for r in v]
-        pairs = [(ids[0], b) for b in ids[1:]]
-    key = ("comparable", tuple(pairs))
-    if key not in runs.cache:
-        try:
-            for a, b in pairs:
-                if a != b:
-                    check_comparable({a: runs.manifests[a], b: runs.manifests[b]})
-            runs.cache[key] = None
-        except UserError as exc:
-            runs.cache[key] = f"{arm_x} and {arm_y} have no seed in common and {exc}"
-    if runs.cache[key] is not None:
-        raise NotTestable(runs.cache[key])
-    frame = pd.DataFrame({"x": _case_stat(runs, arm_x, common, col_x),
-                          "y": _case_stat(runs, arm_y, common, col_y),
-                          "batch": _case_stat(runs, arm_x, common, "batch")})
-    failed = (_case_stat(runs, arm_x, common, "failed").fillna(False).astype(bool)
-              | _case_stat(runs, arm_y, common, "failed").fillna(False).astype(bool))
-    frame = frame[frame["x"].notna() & frame["y"].notna()]
-    if frame.empty:
-        raise NotTestable(f"no case with both {_short(col_x)} of {arm_x} and "
-                          f"{_short(col_y)} of {arm_y}")
-    rows_x, _ = _case_info(runs, arm_x, common)
-    by_seed = None
-    if len(common) >= 2:
-        rows_y, _ = _case_info(runs, arm_y, common)
-        by_seed = pd.DataFrame({
-            "x": rows_x.groupby(["seed", "case_id"])[col_x].mean(),
-            "y": rows_y.groupby(["seed", "case_id"])[col_y].mean()}).dropna()
-        by_seed = by_seed[by_seed.index.get_level_values("case_id").isin(frame.index)]
-    return Paired(frame, list(common), sorted({r for v in sx.values() for r in v}),
-                  sorted({r for v in sy.values() for r in v}),
-                  bool(rows_x["sequential"].any()), int(failed.sum()), by_seed)
+_short = short
 
 
 # ---------------------------------------------------------------- rows
@@ -317,103 +181,21 @@ def _guard(claim: str, test: str, statistic: str,
         return _not_testable(claim, test, statistic, str(exc))
 
 
-def is_binary(*arrays: Any) -> bool:
-    vals = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
-    vals = vals[np.isfinite(vals)]
-    return vals.size > 0 and bool(np.all((vals == 0) | (vals == 1)))
-
-
-@dataclass
-class LocationTest:
-    """A paired (or one-sample) location test at the design's inference unit."""
-
-    test: str  # "sign-flip" | "mcnemar"
-    mean: float
-    lo: float
-    hi: float
-    p: float
-    n: int
-    n_clusters: int
-    mde: float
-    ci_method: str
-    b: int | None = None
-    c: int | None = None
-    n_seeds: int = 1  # seeds in the two-way seed x unit test (1: none ran)
-    seed_share: float = math.nan  # share of the two-way variance the seeds add
-
-
-def location_test(d: Any, units: Any, alpha: float = ALPHA, seed: int = 0,
-                  n_draws: int = inf.DEFAULT_DRAWS, mu0: float = 0.0,
-                  alternative: str = "two-sided", confidence: float = 0.95,
-                  binary_pairs: tuple[Any, Any] | None = None,
-                  cells: np.ndarray | None = None) -> LocationTest:
-    """Cluster sign-flip test of mean(d) = mu0 with a wild cluster bootstrap-t interval and
-    the MDE; for 0/1 pairs (``binary_pairs=(x, y)``) with the case as unit, the exact McNemar
-    test (statsmodels) instead, which is the sign-flip test's exact binomial form.
-
-    With ``cells`` (the (seeds, units) table of cell means of d, two or more seeds) the
-    seeds are a second cluster dimension: the two-way seed x unit t test
-    (:func:`reports.inference.seed_batch_t_test`) runs too, and the row takes the larger p,
-    the union of the two intervals and the larger MDE (valid when either test is: the
-    randomisation test without run effects, the two-way test with them)."""
-    d = np.asarray(d, dtype=float)
-    ci = inf.wild_cluster_ci(d, units, confidence, seed=seed,
-                             alternative="greater" if alternative == "greater"
-                             else "two-sided")
-    flip = inf.sign_flip_test(d, units, mu0, alternative, n_draws, seed)
-    g = flip.n_clusters
-    exact = flip.method in ("exact", "degenerate")
-    mde = inf.mde(flip.se, g, alpha, alternative=alternative,
-                  exact_min_p=inf.min_p(g, alternative) if exact else None)
-    if binary_pairs is not None and mu0 == 0 and alternative == "two-sided":
-        x, y = (np.asarray(a, dtype=float) for a in binary_pairs)
-        if len(set(map(str, units))) == x.size and is_binary(x, y):
-            b = int(np.sum((x == 1) & (y == 0)))
-            c = int(np.sum((x == 0) & (y == 1)))
-            p = float(mcnemar([[0, b], [c, 0]], exact=True).pvalue) if b + c else 1.0
-            res = LocationTest("mcnemar", flip.mean, ci.lo, ci.hi, p, flip.n, g, mde,
-                               ci.method, b, c)
-            return _with_seeds(res, cells, mu0, alternative, confidence, alpha)
-    res = LocationTest("sign-flip", flip.mean, ci.lo, ci.hi, flip.p, flip.n, g, mde,
-                       f"{ci.method}; sign-flip {flip.method}")
-    return _with_seeds(res, cells, mu0, alternative, confidence, alpha)
-
-
-def _with_seeds(res: LocationTest, cells: np.ndarray | None, mu0: float, alternative: str,
-                confidence: float, alpha: float) -> LocationTest:
-    """``res`` joined with the two-way seed x unit test of ``cells`` (see location_test)."""
-    if cells is None:
-        return res
-    tw = inf.seed_batch_t_test(cells, mu0, alternative, confidence)
-    if not np.isfinite(tw.p):
-        return res
-    res.p = max(res.p, tw.p)
-    res.lo = float(np.nanmin([res.lo, tw.lo]))
-    res.hi = float(np.nanmax([res.hi, tw.hi]))
-    res.mde = max(res.mde, inf.mde_t(tw.se, tw.df, alpha, alternative=alternative))
-    res.n_seeds, res.seed_share = tw.n_seeds, tw.seed_share
-    res.ci_method += (f"; joined with the {tw.method} over {tw.n_seeds} seeds x "
-                      f"{tw.n_units} units (seeds add {100 * tw.seed_share:.0f}% of its "
-                      f"variance)")
-    return res
-
-
 def _paired_row(claim: str, test: str, pr: Paired, sign: int, s: Settings) -> dict[str, Any]:
     """A paired row; the claim holds if the mean difference's sign is ``sign``."""
     x, y = pr.frame["x"].to_numpy(float), pr.frame["y"].to_numpy(float)
-    res = location_test(x - y, pr.units, s.alpha, s.seed, s.n_draws, binary_pairs=(x, y),
-                        cells=pr.cells())
+    res = paired_test(pr, s.alpha, s.seed, s.n_draws, ci_draws=s.n_resamples)
     ok = bool(np.sign(res.mean) == sign) if np.isfinite(res.mean) else False
     name = ("mean difference x - y, cluster sign-flip" if res.test == "sign-flip"
             else "difference of proportions, exact McNemar")
     detail = (f"mean x={np.mean(x):.4g}, mean y={np.mean(y):.4g}; seeds "
-              f"{pr.seeds or 'pooled'}; CI {res.ci_method}")
+              f"{', '.join(pr.slots)}; CI {res.ci_method}")
     if res.test == "mcnemar":
         detail += f"; b={res.b}, c={res.c}"
     if not np.any(x != y):
         detail += "; no case differs (contradicts the claim)"
     if pr.n_failed:
-        detail += f"; {pr.n_failed} cases with a failed edit"
+        detail += f"; {pr.itt_note()}"
     return _row(claim, test, name, res.mean, (res.lo, res.hi), res.p, res.n, ok, detail,
                 unit=pr.unit_name(), n_clusters=res.n_clusters, mde=res.mde)
 
@@ -428,12 +210,13 @@ def _metric(runs: Runs, table: dict[str, str]) -> str:
     raise NotTestable(f"no primary outcome known for suite {suite!r}")
 
 
-def _strata(batch: pd.Series, sequential: bool) -> np.ndarray:
-    """Batches as strata when they hold >= 2 cases (sequential runs, or batch mode with
-    batches), else one stratum."""
-    if sequential or batch.value_counts().max() >= 2:
-        return batch.astype(str).to_numpy(object)
-    return np.zeros(len(batch), dtype=object)
+def _strata(units: np.ndarray) -> np.ndarray:
+    """The units as strata when some unit holds two or more cases (batches), else one
+    stratum (single edits: independent cases)."""
+    units = np.asarray(units, dtype=object)
+    if pd.Series(units).value_counts().max() >= 2:
+        return units
+    return np.zeros(len(units), dtype=object)
 
 
 # ---------------------------------------------------------------- T1..T8
@@ -463,22 +246,24 @@ def t1_disconnect(runs: Runs, s: Settings) -> list[dict[str, Any]]:
                 raise NotTestable(f"{n_fail} failures among {n_fail + n_succ} "
                                   f"{s.baseline} edits with {_short(diag)} (need both "
                                   f"outcomes)")
-            batch = rows.groupby("case_id", sort=False)["batch"].first().reindex(order)
-            seq = bool(rows["sequential"].any())
-            r = inf.stratified_auc_test(score.to_numpy(float), success, _strata(batch, seq),
-                                        n_draws=min(s.n_draws, 1999), seed=s.seed)
+            strata = _strata(units_of(rows).reindex([str(c) for c in order]).to_numpy(object))
+            r = inf.stratified_auc_test(score.to_numpy(float), success, strata,
+                                        n_draws=min(s.n_draws, s.n_resamples), seed=s.seed)
             if not np.isfinite(r.statistic):
-                raise NotTestable(f"no case has {_short(diag)} and efficacy in every run")
-            g = int(batch.nunique()) if seq else len(order)
+                raise NotTestable(f"no stratum holds both a success and a failure of "
+                                  f"{s.baseline} with {_short(diag)}")
+            g = len(set(strata)) if len(set(strata)) > 1 else len(order)
             mde = inf.mde(r.null_sd, g, s.alpha)
             n_failed = int(rows["failed"].sum())
-            return _row("T1", test, "AUC = U/(n1 n2), within-batch permutation", r.statistic,
+            within = len(set(strata)) > 1
+            return _row("T1", test, "AUC of pairs within a batch and run, permutation within "
+                        "batches" if within else "AUC = U/(n1 n2), permutation", r.statistic,
                         p=r.p, n=r.n, direction_ok=r.statistic > 0.5,
                         detail=(f"{n_fail} failures ({eff} < 1), {n_succ} successes over "
                                 f"{score.shape[0]} runs; MDE as AUC - 0.5"
                                 + (f"; {n_failed} failed edits (no {_short(diag)})"
                                    if n_failed else "")),
-                        unit=("case x seed, permuted within batches" if seq
+                        unit=(f"case x seed, permuted within batches ({g})" if within
                               else "case x seed, permuted jointly over seeds"),
                         n_clusters=g, mde=mde)
 
@@ -535,7 +320,8 @@ def t3_alignment(runs: Runs, s: Settings) -> list[dict[str, Any]]:
         require(runs, [s.treatment], ["diag_shift_cos"])
         pr = pair(runs, s.treatment, s.treatment, "diag_shift_cos")
         x = pr.frame["x"].to_numpy(float)
-        res = location_test(x, pr.units, s.alpha, s.seed, s.n_draws, cells=pr.cells("x"))
+        res = location_test(x, pr.units, s.alpha, s.seed, s.n_draws, cells=pr.cells("x"),
+                            ci_draws=s.n_resamples)
         return _row("T3", test, "mean, one-sample cluster sign-flip", res.mean,
                     (res.lo, res.hi), res.p, res.n, bool(res.mean > 0),
                     f"CI {res.ci_method}", unit=pr.unit_name(), n_clusters=res.n_clusters,
@@ -558,25 +344,26 @@ def t4_gain_vs_rho(runs: Runs, s: Settings) -> list[dict[str, Any]]:
         f = outcome.frame.join(rho.frame["x"].rename("rho"), how="inner").dropna()
         if len(f) < 4:
             raise NotTestable(f"{len(f)} cases with rho and both outcomes (need 4)")
-        strata = _strata(f["batch"], outcome.sequential)
-        signs, prods = inf.matched_pair_products(strata, f["y"], f["rho"], f["x"])
+        strata = _strata(f["unit"].to_numpy(object))
+        signs, _, where = inf.matched_pair_products(strata, f["y"], f["rho"], f["x"])
         if signs.size == 0:
             raise NotTestable("no stratum holds two cases to pair")
-        pairs_ = np.arange(signs.size)
-        flip = inf.sign_flip_test(prods, pairs_, 0.0, "two-sided", s.n_draws, s.seed)
-        ci = inf.wild_cluster_ci(signs, pairs_, seed=s.seed)
-        sflip = inf.sign_flip_test(signs, pairs_, 0.0, "two-sided", 0, s.seed)
-        mde = inf.mde(sflip.se, signs.size, s.alpha)
-        value = float(signs.mean())
+        unit = where if len(set(strata)) > 1 else np.arange(signs.size)
+        # one statistic for the estimate, the test, the interval and the MDE: the mean sign
+        # concordance of the pairs, clustered by the unit that holds each pair
+        res = location_test(signs, unit, s.alpha, s.seed, s.n_draws, ci_draws=s.n_resamples)
+        if np.isfinite(res.mean) and not np.any(signs):
+            res.p = 1.0
         detail = (f"{signs.size} pairs matched on {s.baseline}'s {out_col} within "
-                  f"{'batches' if outcome.sequential else 'the run'}; p: sign-flip of rank-"
-                  f"difference products; seeds {outcome.seeds or 'pooled'}")
-        if not np.any(prods):
+                  f"{'units' if len(set(strata)) > 1 else 'the run'}; cluster sign-flip test "
+                  f"of the pairs' sign products; CI {res.ci_method}; seeds "
+                  f"{', '.join(outcome.slots)}")
+        if not np.any(signs):
             detail += "; no pair differs in both (contradicts the claim)"
-        return _row("T4", test, "mean sign concordance over matched pairs", value,
-                    (ci.lo, ci.hi), flip.p, int(signs.size), value < 0, detail,
-                    unit=f"matched pair ({signs.size}) within batch", n_clusters=signs.size,
-                    mde=mde)
+        return _row("T4", test, "mean sign concordance over matched pairs", res.mean,
+                    (res.lo, res.hi), res.p, int(signs.size), bool(res.mean < 0), detail,
+                    unit=(f"{'batch' if len(set(strata)) > 1 else 'matched pair'} holding the "
+                          f"pair ({res.n_clusters})"), n_clusters=res.n_clusters, mde=res.mde)
 
     return [_guard("T4", test, "concordance", run)]
 
@@ -615,11 +402,12 @@ def t6_locality(runs: Runs, s: Settings) -> list[dict[str, Any]]:
                 raise NotTestable(f"{exc}{hint}") from exc
             d = (pr.frame["x"] - pr.frame["y"]).to_numpy(float) * scale
             res = location_test(d, pr.units, s.alpha, s.seed, s.n_draws, mu0=-s.margin,
-                                alternative="greater", cells=pr.cells(scale=scale))
+                                alternative="greater", cells=pr.cells(scale=scale),
+                                ci_draws=s.n_resamples)
             detail = (f"H0: mean <= -{s.margin:g}; shown with 80% power only if the true "
                       f"difference >= {-s.margin + res.mde:+.3g}; lower bound {res.ci_method}")
             if pr.n_failed:
-                detail += f"; {pr.n_failed} cases with a failed edit"
+                detail += f"; {pr.itt_note()}"
             return _row("T6", test, f"mean difference (points), margin {s.margin:g}",
                         res.mean, (res.lo, math.inf), res.p, res.n,
                         bool(res.mean > -s.margin), detail, unit=pr.unit_name(),
@@ -652,13 +440,14 @@ def t7_ordering(runs: Runs, s: Settings) -> list[dict[str, Any]]:
             a, b = g[hi], g[lo]
             both = pd.DataFrame({"x": a.frame["x"] - a.frame["y"],
                                  "y": (b.frame["x"] - b.frame["y"]).reindex(a.frame.index),
-                                 "batch": a.frame["batch"]}).dropna()
-            by_seed = None
-            if a.by_seed is not None and b.by_seed is not None:
-                by_seed = pd.DataFrame({"x": a.by_seed["x"] - a.by_seed["y"],
-                                        "y": b.by_seed["x"] - b.by_seed["y"]}).dropna()
-            pr = Paired(both, sorted(set(a.seeds) & set(b.seeds)), [], [], a.sequential,
-                        max(a.n_failed, b.n_failed), by_seed)
+                                 "unit": a.frame["unit"], "batch": a.frame["batch"]}).dropna()
+            by_slot = None
+            if a.by_slot is not None and b.by_slot is not None:
+                by_slot = pd.DataFrame({"x": a.by_slot["x"] - a.by_slot["y"],
+                                        "y": b.by_slot["x"] - b.by_slot["y"]}).dropna()
+            pr = Paired(both, [x for x in a.slots if x in b.slots], [], [], a.sequential,
+                        max(a.n_failed, b.n_failed), max(a.n_unmeasured, b.n_unmeasured),
+                        by_slot)
             row = _paired_row("T7", test, pr, 1, s)
             row["detail"] = f"gains in {col}; " + row["detail"]
             return row
@@ -675,23 +464,19 @@ def t7_ordering(runs: Runs, s: Settings) -> list[dict[str, Any]]:
             raise NotTestable(f"no equivalence margin for {col}")
         d = (pr.frame["x"] - pr.frame["y"]).to_numpy(float)
         lo = location_test(d, pr.units, s.alpha, s.seed, s.n_draws, mu0=-m,
-                           alternative="greater", confidence=0.95, cells=pr.cells())
+                           alternative="greater", confidence=0.95, cells=pr.cells(),
+                           ci_draws=s.n_resamples)
         hi = location_test(-d, pr.units, s.alpha, s.seed, s.n_draws, mu0=-m,
                            alternative="greater", confidence=0.95,
-                           cells=pr.cells(scale=-1.0))
-        ci = inf.wild_cluster_ci(d, pr.units, 0.90, seed=s.seed)
-        cells = pr.cells()
-        if cells is not None:  # the TOST's 90% interval joins the two-way one (seeds)
-            tw = inf.seed_batch_t_test(cells, confidence=0.90)
-            if np.isfinite(tw.p):
-                ci = inf.ClusterCI(ci.value, float(np.nanmin([ci.lo, tw.lo])),
-                                   float(np.nanmax([ci.hi, tw.hi])), ci.n, ci.n_clusters,
-                                   ci.se, f"{ci.method}, joined with the {tw.method}")
+                           cells=pr.cells(scale=-1.0), ci_draws=s.n_resamples)
+        # the TOST's 90% interval (two-sided, joined with the two-way one with seeds)
+        ci = location_test(d, pr.units, s.alpha, s.seed, s.n_draws, confidence=0.90,
+                           cells=pr.cells(), ci_draws=s.n_resamples)
         p = max(lo.p, hi.p)
         ok = bool(abs(lo.mean) < m)
         return _row("T7", test, f"mean ROME gain, TOST margin +-{m:g}", lo.mean,
                     (ci.lo, ci.hi), p, lo.n, ok,
-                    f"gain in {col}; 90% CI ({ci.method}); {_tost_power(m, lo.mde)}; "
+                    f"gain in {col}; 90% CI ({ci.ci_method}); {_tost_power(m, lo.mde)}; "
                     f"{rome_variant(runs)}",
                     unit=pr.unit_name(), n_clusters=lo.n_clusters, mde=lo.mde)
 
@@ -803,10 +588,7 @@ def run_claims(runs: Runs, settings: Settings | None = None) -> list[dict[str, A
     return rows
 
 
-def holm(p: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Holm (1979) adjusted p-values (statsmodels ``multipletests``); NaN stays NaN and does
-    not count in the family size."""
-    return stats.holm(p)
+holm = inf.holm
 
 
 def finalise(rows: list[dict[str, Any]], alpha: float = ALPHA) -> pd.DataFrame:

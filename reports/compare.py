@@ -53,11 +53,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from statsmodels.stats.multitest import multipletests
 
 from harness.errors import UserError
 from reports import inference as inf
-from reports.load import Runs, differences, load_runs, preset_of
+from reports import power
+from reports.load import Runs, design_differences, load_runs, preset_of, revision_notes
+from reports.paired import NotTestable, Paired, margin_tests, pair_rows
 
 #: default metrics per suite: efficacy, generalisation, locality, and the log-probability margin
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
@@ -72,6 +73,18 @@ DEFAULT_MARGINS: dict[str, float] = {
     "efficacy_success": 0.02, "paraphrase_success": 0.02, "neighborhood_success": 0.02,
     "efficacy_accuracy": 0.02, "paraphrase_accuracy": 0.02, "specificity_accuracy": 0.02,
     "efficacy_margin": 0.25,
+}
+#: planning values of the default CounterFact metrics for the gate's designs
+#: (reports.power), measured 2026-12-07 between two runs of AlphaEdit (seeds 0 and 1) on
+#: SmolLM2, CounterFact cases 0-159, batch mode in batches of 10 (the default protocol):
+#: discordant cases per direction for the rates, the sd of the paired difference for the
+#: margin
+_MEASURED = "AlphaEdit seeds 0 vs 1, SmolLM2, CounterFact 0-159, batches of 10"
+PLANNING: dict[str, power.Planning] = {
+    "efficacy_success": power.Planning(True, 0.038, _MEASURED),
+    "paraphrase_success": power.Planning(True, 0.009, _MEASURED),
+    "neighborhood_success": power.Planning(True, 0.003, _MEASURED),
+    "efficacy_margin": power.Planning(False, 0.77, _MEASURED),
 }
 #: metrics where lower is better (compared with the sign flipped)
 LOWER_IS_BETTER = frozenset({"diag_z_error", "diag_kernel_energy", "diag_delta_norm"})
@@ -101,6 +114,11 @@ class MetricResult:
     p_worse_holm: float = math.nan
     p_noninferior_holm: float = math.nan
     verdict: str = INCONCLUSIVE
+    #: the true drop (metric units, positive) the worse test detects with 80% power at
+    #: Holm's first step (:func:`reports.power.mde_worse`)
+    mde: float = math.nan
+    n_failed_baseline: int = 0
+    n_failed_candidate: int = 0
     note: str = ""
 
 
@@ -116,6 +134,8 @@ class Comparison:
     alpha: float
     results: list[MetricResult]
     warnings: list[str] = field(default_factory=list)
+    #: the smallest p any metric can reach after Holm (:func:`reports.power.holm_floor`)
+    holm_floor: float = math.nan
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -145,192 +165,38 @@ def _side(runs: Runs, role: str) -> str:
 
 def _check_same_design(base: Runs, cand: Runs) -> None:
     """Same suite, data file, case set and model weights on both sides (exit 2 otherwise);
-    batching may differ (the inference units are joined across runs by :func:`units_of`)."""
+    batching may differ (the units are joined across runs: :func:`reports.paired.units_of`)."""
     items = [("baseline", rid, m) for rid, m in base.manifests.items()] + \
             [("candidate", rid, m) for rid, m in cand.manifests.items()]
     role0, rid0, m0 = items[0]
     problems = [f"{role0} {rid0} vs {role} {rid}: " + "; ".join(diff)
                 for role, rid, m in items[1:]
-                if (diff := differences(m0, m, same_model=True, same_batches=False))]
+                if (diff := design_differences(m0, m, same_model=True, same_batches=False))]
     if problems:
         raise UserError("the runs cannot be paired case by case: " + " | ".join(problems)
                         + ". Compare runs made on the same cases, data file and model.")
 
 
-# ---------------------------------------------------------------- pairing and units
-def units_of(frame: pd.DataFrame) -> pd.Series:
-    """Inference unit per case: connected groups of cases that share a batch in any run
-    (union-find over (run, batch)); case id -> unit label."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for _, g in frame.groupby(["run_id", "batch"], sort=False, dropna=False):
-        ids = g["case_id"].astype(str).tolist()
-        root = find(ids[0])
-        for c in ids[1:]:
-            r = find(c)
-            if r != root:
-                parent[r] = root
-    cases = list(dict.fromkeys(frame["case_id"].astype(str)))
-    return pd.Series([find(c) for c in cases], index=cases)
-
-
-def case_means(runs: Runs, metric: str) -> pd.Series:
-    """Per case, the mean of ``metric`` over the side's runs (seeds); NaN where every run
-    lacks it."""
-    f = runs.frame
-    if metric not in f.columns or not f[metric].notna().any():
-        return pd.Series(dtype=float)
-    return f.groupby(f["case_id"].astype(str), sort=False)[metric].mean()
-
-
-def binary_pairs(base: Runs, cand: Runs, metric: str, sign: float = 1.0
-                 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(candidate, baseline) 0/1 outcomes per case and seed when ``metric`` is 0/1 in every
-    run and both sides have as many runs (the k-th seed of one paired with the k-th of the
-    other), else None. ``sign`` -1 swaps 0 and 1 (lower is better)."""
-    def by_run(runs: Runs) -> list[pd.Series]:
-        f = runs.frame
-        out = []
-        for _, g in sorted(f.groupby("run_id", sort=False), key=lambda kv: str(
-                kv[1]["seed"].iloc[0])):
-            out.append(g.set_index(g["case_id"].astype(str))[metric])
-        return out
-
-    sb, sc = by_run(base), by_run(cand)
-    if len(sb) != len(sc):
-        return None
-    xs, ys = [], []
-    for b, c in zip(sb, sc, strict=True):
-        p = pd.concat({"b": b, "c": c}, axis=1).dropna()
-        xs.append(p["c"].to_numpy(float))
-        ys.append(p["b"].to_numpy(float))
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    if x.size == 0 or not np.all(np.isin(x, (0.0, 1.0)) & np.isin(y, (0.0, 1.0))):
-        return None
-    return (x, y) if sign > 0 else (1 - x, 1 - y)
-
-
-def seed_cells(base: Runs, cand: Runs, metric: str, units: pd.Series, sign: float = 1.0
-               ) -> np.ndarray | None:
-    """The (runs, units) table of unit means of ``sign * (candidate - baseline)`` when both
-    sides have as many runs, two or more (the k-th seed of one paired with the k-th of the
-    other, as :func:`binary_pairs`), else None: the seed as a second cluster dimension
-    (:func:`reports.inference.seed_batch_t_test`)."""
-    def by_run(runs: Runs) -> list[pd.Series]:
-        f = runs.frame
-        groups = sorted(f.groupby("run_id", sort=False), key=lambda kv: str(
-            kv[1]["seed"].iloc[0]))
-        return [g.groupby(g["case_id"].astype(str))[metric].mean() for _, g in groups]
-
-    sb, sc = by_run(base), by_run(cand)
-    if len(sb) != len(sc) or len(sb) < 2:
-        return None
-    rows = []
-    for b, c in zip(sb, sc, strict=True):
-        d = (sign * (c - b)).dropna()
-        rows.append(d.groupby(units.reindex(d.index).to_numpy(object)).mean())
-    return pd.DataFrame(rows).to_numpy(float)
-
-
-def _unit_words(units: pd.Series, frame: pd.DataFrame) -> str:
-    g = units.nunique()
-    seq = bool(frame["sequential"].any())
-    if g == units.size:
-        return f"cases ({g}; one edit each)"
-    return f"groups of cases sharing a batch ({g}; {'sequential' if seq else 'batched'} runs)"
-
-
-# ---------------------------------------------------------------- one metric
-@dataclass
-class MarginTests:
-    """The two one-sided tests of one metric's paired differences (higher is better)."""
-
-    diff: float
-    lo: float
-    hi: float
-    n_units: int
-    p_worse: float
-    p_noninferior: float
-    note: str
-
-
-def margin_tests(d: Any, units: Any, margin: float, alpha: float = ALPHA,
-                 n_draws: int = N_DRAWS, seed: int = 0,
-                 binary_pairs: tuple[Any, Any] | None = None,
-                 cells: np.ndarray | None = None) -> MarginTests:
-    """Worse and non-inferior tests of mean(d) against -``margin`` (module notes).
-
-    ``d``: (n,) paired differences candidate - baseline, oriented so that higher is better;
-    ``units``: (n,) inference unit labels. The interval is the wild cluster bootstrap-t one at
-    level 1 - 2 ``alpha``.
-
-    ``binary_pairs``: (candidate, baseline) 0/1 outcomes, (m,) each, one per case and seed,
-    oriented like ``d``. A sign-flip test at a non-zero margin is not valid for such data when
-    most pairs tie (it reads "no case differs" as "no variance"), so they are also tested with
-    Tango's exact unconditional score test (:func:`reports.inference.paired_binary_margin_test`):
-    alone when every unit is one case with one seed, else a test rejects only if both the
-    cluster sign-flip and Tango's test reject (p = the larger p; an intersection-union test, at
-    most as large as the smaller of the two sizes, so valid where either one is). Other
-    outcomes: the larger p of the sign-flip and the cluster bootstrap-t test, which follows
-    skewed unit totals that the symmetric sign-flip null does not.
-
-    ``cells``: the (seeds, units) table of unit means of ``d`` per paired seed (two or
-    more): every case of a run is scored on that run's final model, so the seed is a
-    second cluster dimension; the two-way seed x unit t test
-    (:func:`reports.inference.seed_batch_t_test`) then joins both tests (the larger p) and
-    the interval (the union)."""
-    worse = inf.sign_flip_test(d, units, mu0=-margin, alternative="less", n_draws=n_draws,
-                               seed=seed)
-    noninf = inf.sign_flip_test(d, units, mu0=-margin, alternative="greater", n_draws=n_draws,
-                                seed=seed)
-    ci = inf.wild_cluster_ci(d, units, confidence=1 - 2 * alpha, seed=seed)
-    if binary_pairs is not None:
-        x, y = binary_pairs
-        other = "Tango's exact score test"
-        o_worse = inf.paired_binary_margin_test(x, y, -margin, "less")
-        o_noninf = inf.paired_binary_margin_test(x, y, -margin, "greater")
-    else:
-        other = "the cluster bootstrap-t test"
-        o_worse = inf.cluster_bootstrap_t_test(d, units, -margin, "less", seed=seed)
-        o_noninf = inf.cluster_bootstrap_t_test(d, units, -margin, "greater", seed=seed)
-    if binary_pairs is not None and worse.n_clusters == worse.n == o_worse.n:
-        p_worse, p_noninf = o_worse.p, o_noninf.p  # one case per unit: the exact test alone
-        notes = [f"0/1 outcome, one case per unit: {other}"]
-    else:
-        p_worse, p_noninf, notes = worse.p, noninf.p, []
-        if np.isfinite(o_worse.p):
-            p_worse, p_noninf = max(p_worse, o_worse.p), max(p_noninf, o_noninf.p)
-            notes.append(f"the larger p of the cluster sign-flip test and {other}")
-        floor = inf.min_p(worse.n_clusters, "greater")
-        if worse.method in ("exact", "degenerate") and floor >= alpha:
-            notes.append(f"{worse.n_clusters} units: a sign-flip test cannot reach "
-                         f"p < {alpha:g} (smallest p {floor:.3g}); run more cases")
-    lo, hi = ci.lo, ci.hi
-    if cells is not None:
-        tw_worse = inf.seed_batch_t_test(cells, -margin, "less", 1 - alpha)
-        if np.isfinite(tw_worse.p):
-            tw_noninf = inf.seed_batch_t_test(cells, -margin, "greater", 1 - alpha)
-            p_worse, p_noninf = max(p_worse, tw_worse.p), max(p_noninf, tw_noninf.p)
-            lo = float(np.nanmin([lo, tw_noninf.lo]))
-            hi = float(np.nanmax([hi, tw_worse.hi]))
-            notes.append(f"joined with the {tw_worse.method} over {tw_worse.n_seeds} seeds "
-                         f"(seeds add {100 * tw_worse.seed_share:.0f}% of its variance)")
-    return MarginTests(worse.mean, lo, hi, worse.n_clusters, p_worse, p_noninf,
-                       "; ".join(notes))
-
-
 # ---------------------------------------------------------------- the comparison
+def _pair(base: Runs, cand: Runs, metric: str) -> Paired:
+    """The two sides of ``metric`` paired by seed slot and case (:func:`pair_rows`)."""
+    try:
+        pr = pair_rows(cand.frame, base.frame, metric, names=("candidate", "baseline"))
+    except NotTestable as exc:
+        raise UserError(f"{metric}: {exc}") from None
+    if pr.n_unmeasured:
+        raise UserError(f"{metric}: {pr.n_unmeasured} failed edits have no measured outcome "
+                        f"(runs written before keh measured failed cases), so the sides "
+                        f"cannot be compared by intention to treat; rerun them")
+    return pr
+
+
 def compare_runs(base: Runs, cand: Runs, metrics: Sequence[str] | None = None,
                  margins: Mapping[str, float] | None = None, alpha: float = ALPHA,
                  lower_is_better: Sequence[str] = (), n_draws: int = N_DRAWS,
-                 seed: int = 0) -> Comparison:
-    """Compare two loaded sides (module notes). Raises :class:`UserError` on bad input."""
+                 seed: int = 0, allow_underpowered: bool = False) -> Comparison:
+    """Compare two loaded sides (module notes). Raises :class:`UserError` on bad input and,
+    unless ``allow_underpowered``, when the design cannot reach ``alpha`` after Holm."""
     if not 0 < alpha < 0.5:
         raise UserError(f"--alpha must be in (0, 0.5) (got {alpha})")
     base_label = _side(base, "baseline")
@@ -351,41 +217,60 @@ def compare_runs(base: Runs, cand: Runs, metrics: Sequence[str] | None = None,
     if unknown:
         raise UserError(f"--margin names metric(s) not compared: {', '.join(unknown)} "
                         f"(compared: {', '.join(metrics)})")
-    both = pd.concat([base.frame, cand.frame], ignore_index=True)
-    units = units_of(both)
-    flip = set(lower_is_better) | (LOWER_IS_BETTER & set(metrics))
-    results: list[MetricResult] = []
-    warnings: list[str] = []
     for metric in metrics:
-        xb, xc = case_means(base, metric), case_means(cand, metric)
-        if xb.empty or xc.empty:
-            side = "baseline" if xb.empty else "candidate"
-            raise UserError(f"metric {metric!r} is not in the {side} runs' records; known: "
-                            f"{', '.join(_metric_names(base if xb.empty else cand))}")
+        for runs, side in ((base, "baseline"), (cand, "candidate")):
+            if metric not in runs.frame.columns or not runs.frame[metric].notna().any():
+                raise UserError(f"metric {metric!r} is not in the {side} runs' records; "
+                                f"known: {', '.join(_metric_names(runs))}")
         if metric not in margins and metric not in DEFAULT_MARGINS:
             raise UserError(f"metric {metric!r} has no default margin; give --margin "
                             f"{metric}=VALUE (in the metric's units)")
-        margin = float(margins.get(metric, DEFAULT_MARGINS.get(metric, math.nan)))
-        if not margin > 0:
-            raise UserError(f"--margin {metric}={margin}: a margin must be > 0")
-        pair = pd.concat({"b": xb, "c": xc}, axis=1).dropna()
+        if not float(margins.get(metric, DEFAULT_MARGINS.get(metric, math.nan))) > 0:
+            raise UserError(f"--margin {metric}={margins.get(metric)}: a margin must be > 0")
+    flip = set(lower_is_better) | (LOWER_IS_BETTER & set(metrics))
+    paired = {metric: _pair(base, cand, metric) for metric in metrics}
+    floors = {}
+    for metric, pr in paired.items():
+        single = pr.n_units == len(pr.frame) and pr.by_slot is None
+        floors[metric] = power.floor_p(pr.n_units, single and pr.binary() is not None,
+                                       len(pr.frame), n_draws)
+    floor = power.holm_floor(min(floors.values()), len(metrics))
+    if floor >= alpha and not allow_underpowered:
+        g = next(iter(paired.values())).n_units
+        need = power.units_for_floor(len(metrics), alpha)
+        raise UserError(f"this design cannot say 'worse': {g} units give a smallest p of "
+                        f"{floor:.3g} after Holm over {len(metrics)} metrics (alpha {alpha:g}); "
+                        f"it needs at least {need} units (batches in sequential runs, "
+                        f"batches or single edits in batch mode), or --allow-underpowered")
+    results: list[MetricResult] = []
+    warnings: list[str] = []
+    if floor >= alpha:
+        warnings.append(f"underpowered: the smallest p this design can reach after Holm is "
+                        f"{floor:.3g} >= alpha {alpha:g}; no metric can come out worse")
+    for metric, pr in paired.items():
+        margin = float(margins.get(metric, DEFAULT_MARGINS[metric]))
         sign = -1.0 if metric in flip else 1.0
-        d = sign * (pair["c"] - pair["b"]).to_numpy(float)
-        t = margin_tests(d, units.reindex(pair.index).to_numpy(object), margin, alpha,
-                         n_draws, seed, binary_pairs(base, cand, metric, sign),
-                         seed_cells(base, cand, metric, units, sign))
+        t = margin_tests(pr.diff(sign), pr.units, margin, alpha, n_draws, seed,
+                         pr.binary(sign), pr.cells(scale=sign))
+        mde = power.mde_worse(t.se, t.df, margin, alpha, len(metrics))
         results.append(MetricResult(
-            metric, margin, metric in flip, float(pair["b"].mean()), float(pair["c"].mean()),
-            sign * t.diff, *sorted((sign * t.lo, sign * t.hi)), int(pair.shape[0]),
-            t.n_units, t.p_worse, t.p_noninferior, note=t.note))
+            metric, margin, metric in flip, float(pr.frame["y"].mean()),
+            float(pr.frame["x"].mean()), sign * t.diff, *sorted((sign * t.lo, sign * t.hi)),
+            int(pr.frame.shape[0]), t.n_units, t.p_worse, t.p_noninferior, mde=mde,
+            n_failed_baseline=int(base.frame["failed"].astype(bool).sum()),
+            n_failed_candidate=int(cand.frame["failed"].astype(bool).sum()), note=t.note))
     _holm(results, alpha)
     for r in results:
         if r.verdict == INCONCLUSIVE:
             warnings.append(f"{r.metric}: non-inferiority within {r.margin:g} not shown "
-                            f"(difference {r.diff:+.4g}, {r.n_units} units)"
+                            f"(difference {r.diff:+.4g}, {r.n_units} units; a drop below "
+                            f"{r.mde:.3g} is missed with probability > 0.2)"
                             + (f"; {r.note}" if r.note else ""))
-    return Comparison(base_label, cand_label, suite, model, _unit_words(units, both), alpha,
-                      results, warnings)
+    both = Runs(pd.concat([base.frame, cand.frame]), {**base.manifests, **cand.manifests})
+    warnings += revision_notes(both)
+    first = next(iter(paired.values()))
+    return Comparison(base_label, cand_label, suite, model, first.unit_name(), alpha, results,
+                      warnings, floor)
 
 
 def _metric_names(runs: Runs) -> list[str]:
@@ -400,10 +285,7 @@ def _holm(results: list[MetricResult], alpha: float) -> None:
         return
     for attr in ("p_worse", "p_noninferior"):
         p = np.array([getattr(r, attr) for r in results], dtype=float)
-        ok = np.isfinite(p)
-        adj = np.full(p.shape, math.nan)
-        if ok.any():
-            adj[ok] = multipletests(p[ok], method="holm")[1]
+        adj = inf.holm(p)
         for r, a in zip(results, adj, strict=True):
             setattr(r, attr + "_holm", float(a))
     for r in results:
@@ -441,7 +323,9 @@ def table(c: Comparison) -> pd.DataFrame:
             "margin": f"{r.margin:g}",
             "baseline": _num(r.baseline), "candidate": _num(r.candidate),
             f"diff [{level}% CI]": f"{r.diff:+.4g} [{_num(r.lo)}, {_num(r.hi)}]",
+            "MDE (drop)": _num(r.mde, 3),
             "p worse": _num(r.p_worse_holm, 3), "p non-inf": _num(r.p_noninferior_holm, 3),
+            "failed (base/cand)": f"{r.n_failed_baseline}/{r.n_failed_candidate}",
             "verdict": r.verdict,
         })
     return pd.DataFrame(rows)
@@ -451,7 +335,9 @@ def render(c: Comparison) -> str:
     head = (f"candidate {c.candidate} vs baseline {c.baseline} — {c.suite}, {c.model}; "
             f"units: {c.unit}; one-sided tests at each margin (the larger p of a cluster "
             f"sign-flip and a cluster bootstrap-t test; Tango's exact test for 0/1 outcomes), "
-            f"p Holm-adjusted across metrics, alpha {c.alpha:g}")
+            f"p Holm-adjusted across metrics, alpha {c.alpha:g} (smallest reachable "
+            f"{c.holm_floor:.2g}); MDE: the drop below the baseline detected with 80% power; "
+            f"failed edits counted by intention to treat")
     body = table(c).to_string(index=False)
     warn = "".join(f"\nwarning: {w}" for w in c.warnings)
     return f"{head}\n{body}{warn}"
@@ -482,13 +368,14 @@ def run_compare(baseline: Sequence[str], candidate: Sequence[str],
                 metrics: Sequence[str] | None = None, margins: Mapping[str, float] | None = None,
                 alpha: float = ALPHA, lower_is_better: Sequence[str] = (),
                 require_noninferiority: bool = False, json_path: str | None = None,
-                out: Any = print) -> int:
+                out: Any = print, allow_underpowered: bool = False) -> int:
     """Load both sides, compare, print the table, write ``json_path``; the exit status."""
     base, cand = load_runs(baseline), load_runs(candidate)
     overlap = sorted(set(base.manifests) & set(cand.manifests))
     if overlap:
         raise UserError(f"run(s) {', '.join(overlap)} given as both baseline and candidate")
-    c = compare_runs(base, cand, metrics, margins, alpha, lower_is_better)
+    c = compare_runs(base, cand, metrics, margins, alpha, lower_is_better,
+                     allow_underpowered=allow_underpowered)
     status = exit_status(c, require_noninferiority)
     out(render(c))
     if json_path:

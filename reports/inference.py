@@ -46,6 +46,7 @@ Every function takes per-observation values and a cluster label per observation;
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -67,6 +68,30 @@ WEBB = np.array([-math.sqrt(1.5), -1.0, -math.sqrt(0.5), math.sqrt(0.5), 1.0,
 
 def _rng(seed: int | np.random.Generator | None) -> np.random.Generator:
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def is_binary(*arrays: Any) -> bool:
+    """Whether every finite value of ``arrays`` is 0 or 1 (and there is one)."""
+    vals = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
+    vals = vals[np.isfinite(vals)]
+    return vals.size > 0 and bool(np.all((vals == 0) | (vals == 1)))
+
+
+def holm(pvalues: Any) -> np.ndarray:
+    """Holm (1979) step-down adjusted p-values; NaN entries stay NaN and do not count in the
+    family size m. With p sorted ascending, p_adj(i) = max_{j <= i} min(1, (m - j + 1) p(j)).
+    (statsmodels' ``multipletests(method="holm")`` gives the same numbers, checked in
+    tests/test_inference.py, but runs ``gc.collect()`` on every call: 0.4 s in a large
+    process, where the gate's calibration calls it thousands of times.)"""
+    p = np.asarray(pvalues, dtype=float).ravel()
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    if ok.size:
+        order = ok[np.argsort(p[ok], kind="stable")]
+        m = order.size
+        steps = (m - np.arange(m)) * p[order]
+        out[order] = np.minimum(1.0, np.maximum.accumulate(steps))
+    return out
 
 
 def _codes(clusters: Sequence[Any] | np.ndarray | None, n: int) -> np.ndarray:
@@ -306,6 +331,9 @@ def seed_batch_t_test(cells: Any, mu0: float = 0.0, alternative: str = "two-side
     if extra > 0:
         df = (ms_s + ms_g - ms_e) ** 2 / (ms_s**2 / (n_s - 1) + ms_g**2 / (n_g - 1)
                                           + ms_e**2 / df_e)
+        # Satterthwaite's df of a combination with a negative coefficient (- MS_e) can fall
+        # far below either dimension's; bounded by the seeds' df (or the units')
+        df = max(df, float(min(n_s - 1, n_g - 1)))
     else:
         df = float(n_g - 1)
     share = extra / (ms_g + extra) if ms_g + extra > 0 else 0.0
@@ -380,39 +408,46 @@ def paired_binary_margin_test(x: Any, y: Any, delta0: float,
     if n > TANGO_EXACT_MAX_N:
         p = float(stats.norm.sf(sign * z_obs))
         return PermResult(z_obs, p, n, 1.0, "Tango score test (asymptotic)")
-    # every (b, c) with b + c <= n; Z is free of the nuisance, the probabilities are not
+    z_sorted, p_max = _tango_tail_table(n, float(delta0), sign)
+    k = int(np.searchsorted(-z_sorted, -(sign * z_obs - 1e-9 * max(1.0, abs(z_obs))),
+                            side="right"))  # outcomes at least as extreme as observed
+    if k == 0:
+        return PermResult(z_obs, 0.0, n, 1.0, "Tango score test (exact unconditional)")
+    p = float(p_max[k - 1])
+    return PermResult(z_obs, min(1.0, p), n, 1.0, "Tango score test (exact unconditional)")
+
+
+@functools.lru_cache(maxsize=16)
+def _tango_tail_table(n: int, delta0: float, sign: float) -> tuple[np.ndarray, np.ndarray]:
+    """For every outcome (b, c) with b + c <= n, sorted by ``sign`` * Z descending: the
+    sorted ``sign`` * Z and, per position k, the exact unconditional p-value of a result
+    whose tail holds the first k + 1 outcomes: max over the nuisance q on the H0 boundary
+    (p(1,0) = q + delta0, p(0,1) = q, a grid of :data:`TANGO_GRID` values) of the trinomial
+    probability of those outcomes. Cached: a simulation calls it with the same n and margin
+    thousands of times."""
     bb, cc = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
     keep = bb + cc <= n
     bb, cc = bb[keep].astype(float), cc[keep].astype(float)
-    tail = sign * tango_z(bb, cc, n, delta0) >= sign * z_obs - 1e-9 * max(1.0, abs(z_obs))
-    bb, cc = bb[tail], cc[tail]
-    if bb.size == 0:
-        return PermResult(z_obs, 0.0, n, 1.0, "Tango score test (exact unconditional)")
+    z = sign * tango_z(bb, cc, n, delta0)
+    order = np.argsort(-z, kind="stable")
+    bb, cc, z = bb[order], cc[order], z[order]
     log_coef = (math.lgamma(n + 1) - _lgamma(bb + 1) - _lgamma(cc + 1)
                 - _lgamma(n - bb - cc + 1))
-    # H0 boundary: p(1,0) = q + delta0 >= 0, p(0,1) = q, 2 q + delta0 <= 1
     lo, hi = max(0.0, -delta0), (1.0 - delta0) / 2.0
-    p = 0.0
-    for q in np.linspace(lo, hi, TANGO_GRID):
-        p10, p01 = q + delta0, q
-        p00 = 1.0 - p10 - p01
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logp = (log_coef + _xlogy(bb, p10) + _xlogy(cc, p01) + _xlogy(n - bb - cc, p00))
-        p = max(p, float(np.exp(logp).sum()))
-    return PermResult(z_obs, min(1.0, p), n, 1.0, "Tango score test (exact unconditional)")
+    q = np.linspace(lo, hi, TANGO_GRID)
+    probs = np.column_stack([q + delta0, q, 1.0 - 2 * q - delta0])  # (grid, 3)
+    with np.errstate(divide="ignore"):
+        # log 0 as a large negative number: 0 * it is 0 (a cell never seen), k * it is -inf
+        logs = np.where(probs > 1e-300, np.log(np.maximum(probs, 1e-300)), -1e5)
+    counts = np.column_stack([bb, cc, n - bb - cc])  # (outcomes, 3)
+    cum = np.cumsum(np.exp(log_coef[None, :] + logs @ counts.T), axis=1)  # (grid, outcomes)
+    return z, np.minimum(1.0, cum.max(axis=0))
 
 
 def _lgamma(a: np.ndarray) -> np.ndarray:
     from scipy.special import gammaln
 
     return gammaln(a)
-
-
-def _xlogy(k: np.ndarray, p: float) -> np.ndarray:
-    """k log p with 0 log 0 = 0 (and -inf where k > 0, p = 0)."""
-    from scipy.special import xlogy
-
-    return xlogy(k, p)
 
 
 def mde(null_sd: float, n_clusters: int, alpha: float = 0.05, power: float = POWER,
@@ -497,55 +532,63 @@ def permutation_spearman(values: Any, covariate: Any, n_draws: int = DEFAULT_DRA
 def stratified_auc_test(scores: np.ndarray, positive: np.ndarray, strata: Sequence[Any],
                         n_draws: int = 1999, seed: int | np.random.Generator | None = 0
                         ) -> PermResult:
-    """AUC = P(score of a positive > score of a negative) + ties/2 over every finite
-    (run, case) observation; ``scores`` and ``positive`` are (runs, cases) arrays.
+    """Within-stratum AUC: P(score of a positive > score of a negative) + ties/2 over the
+    (positive, negative) pairs of one run and one stratum,
 
-    Two-sided p-value of AUC = 0.5 by permuting the cases' score columns within ``strata``
-    (one label per case), the same permutation for every run: valid when, within a stratum,
-    the scores carry no information about the outcome."""
+        AUC_w = sum_{r, s} U_{r,s} / sum_{r, s} n1_{r,s} n0_{r,s},
+
+    with U_{r,s} the Mann-Whitney count of run r's cases in stratum s; ``scores`` and
+    ``positive`` are (runs, cases) arrays, ``strata`` one label per case. (One stratum:
+    the ordinary AUC per run, pooled over runs by pair counts.)
+
+    Two-sided p-value of AUC_w = 0.5 by permuting the cases' score columns within strata,
+    the same permutation for every run: the statistic and its null use the same pairs, so
+    differences between strata (e.g. later batches of a sequential run) never enter."""
     scores = np.asarray(scores, dtype=float)
     pos = np.asarray(positive, dtype=float)
     keep = np.all(np.isfinite(scores), axis=0) & np.all(np.isfinite(pos), axis=0)
     scores, pos = scores[:, keep], pos[:, keep].astype(bool)
     codes = _codes(np.asarray(strata, dtype=object)[keep], int(keep.sum()))
-    labels = pos.ravel()
-    n1, n0 = int(labels.sum()), int((~labels).sum())
-    if n1 == 0 or n0 == 0:
-        return PermResult(math.nan, math.nan, labels.size, math.nan, "none")
+    groups = [np.flatnonzero(codes == c) for c in np.unique(codes)]
+    n1 = np.array([pos[:, g].sum(axis=1) for g in groups])  # (strata, runs)
+    n0 = np.array([g.size for g in groups])[:, None] - n1
+    denom = float(np.sum(n1 * n0))
+    if denom == 0:
+        return PermResult(math.nan, math.nan, int(pos.size), math.nan, "none")
 
-    def auc_of(mat: np.ndarray) -> np.ndarray:  # mat (k, N)
-        r = stats.rankdata(mat, axis=-1)
-        return (r[:, labels].sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    def auc_of(mat: np.ndarray) -> np.ndarray:  # mat (k, runs, cases) -> (k,)
+        u = np.zeros(mat.shape[0])
+        for g, a in zip(groups, n1, strict=True):
+            r = stats.rankdata(mat[..., g], axis=-1)
+            u += ((r * pos[:, g]).sum(axis=-1) - a * (a + 1) / 2).sum(axis=-1)
+        return u / denom
 
-    value = float(auc_of(scores.ravel()[None, :])[0])
+    value = float(auc_of(scores[None])[0])
     rng = _rng(seed)
-    m = codes.size
-    perms = np.empty((n_draws, m), dtype=int)
-    perms[:] = np.arange(m)
-    for c in np.unique(codes):
-        idx = np.flatnonzero(codes == c)
-        if idx.size > 1:
-            perms[:, idx] = idx[np.argsort(rng.random((n_draws, idx.size)), axis=1)]
-    permuted = scores[:, perms]  # (runs, k, cases)
-    null = auc_of(np.moveaxis(permuted, 0, 1).reshape(n_draws, -1))
+    perms = np.tile(np.arange(codes.size), (n_draws, 1))
+    for g in groups:
+        if g.size > 1:
+            perms[:, g] = g[np.argsort(rng.random((n_draws, g.size)), axis=1)]
+    null = auc_of(np.moveaxis(scores[:, perms], 0, 1))  # (k, runs, cases)
     null = np.concatenate([[value], null])
     p = float(np.mean(np.abs(null - 0.5) >= abs(value - 0.5) - 1e-12))
-    return PermResult(value, p, labels.size, float(np.std(null)),
+    return PermResult(value, p, int(pos.size), float(np.std(null)),
                       "within-stratum permutation (Monte Carlo)")
 
 
 def matched_pair_products(strata: Sequence[Any], match: Any, x: Any, y: Any
-                          ) -> tuple[np.ndarray, np.ndarray]:
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Within each stratum, sort cases by ``match`` and pair neighbours (1st with 2nd, 3rd
     with 4th, ...; an odd one out is dropped). Returns, per pair, the sign product
-    sign(dx) sign(dy) and the product of rank differences dx * dy (ranks over all cases), so
-    that H0 "x carries no information about y at equal ``match``" makes each product
-    symmetric about 0."""
+    sign(dx) sign(dy), the product of rank differences dx * dy (ranks over all cases) and
+    the pair's stratum, so that H0 "x carries no information about y at equal ``match``"
+    makes each product symmetric about 0."""
     m = np.asarray(match, dtype=float)
     rx = stats.rankdata(np.asarray(x, dtype=float))
     ry = stats.rankdata(np.asarray(y, dtype=float))
-    codes = _codes(np.asarray(strata, dtype=object), m.size)
-    signs, prods = [], []
+    labels = np.asarray(strata, dtype=object)
+    codes = _codes(labels, m.size)
+    signs, prods, where = [], [], []
     for c in np.unique(codes):
         idx = np.flatnonzero(codes == c)
         idx = idx[np.argsort(m[idx], kind="stable")]
@@ -553,4 +596,45 @@ def matched_pair_products(strata: Sequence[Any], match: Any, x: Any, y: Any
             dx, dy = rx[a] - rx[b], ry[a] - ry[b]
             signs.append(np.sign(dx) * np.sign(dy))
             prods.append(dx * dy)
-    return np.asarray(signs, dtype=float), np.asarray(prods, dtype=float)
+            where.append(labels[a])
+    return (np.asarray(signs, dtype=float), np.asarray(prods, dtype=float),
+            np.asarray(where, dtype=object))
+
+
+#: fewest clusters for a cluster (pairs) bootstrap interval of a non-linear statistic: with
+#: fewer its intervals are far too narrow (Cameron, Gelbach & Miller 2008), so none is given
+MIN_CLUSTERS = 10
+
+
+def cluster_bootstrap_ci(columns: Any, statistic: Any, clusters: Any = None,
+                         confidence: float = 0.95, n_draws: int = 1999,
+                         seed: int | np.random.Generator | None = 0) -> ClusterCI:
+    """Percentile cluster (pairs) bootstrap interval of ``statistic(column means)``.
+
+    ``columns`` (n, k), NaN allowed (counted in neither sum nor count); ``statistic`` maps
+    the (k, B) column means of B resamples to (B,). Whole clusters are resampled with
+    replacement and the means recomputed from per-cluster sums; below
+    :data:`MIN_CLUSTERS` clusters only the point estimate is given."""
+    cols = np.asarray(columns, dtype=float)
+    cols = cols[:, None] if cols.ndim == 1 else cols
+    n, k = cols.shape
+    codes = _codes(clusters, n)
+    _, codes = np.unique(codes, return_inverse=True)
+    g = int(codes.max()) + 1 if n else 0
+    ok = np.isfinite(cols)
+    sums = np.zeros((g, k))
+    counts = np.zeros((g, k))
+    np.add.at(sums, codes, np.where(ok, cols, 0.0))
+    np.add.at(counts, codes, ok.astype(float))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = float(np.asarray(statistic((sums.sum(0) / counts.sum(0))[:, None]))[0])
+    if g < MIN_CLUSTERS or not np.isfinite(value):
+        return ClusterCI(value, math.nan, math.nan, n, g, math.nan,
+                         f"none ({g} clusters; a bootstrap needs {MIN_CLUSTERS} or more)")
+    idx = _rng(seed).integers(0, g, size=(n_draws, g))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boot = np.asarray(statistic((sums[idx].sum(1) / counts[idx].sum(1)).T), dtype=float)
+    boot = boot[np.isfinite(boot)]
+    a = 1.0 - confidence
+    lo, hi = (float(np.quantile(boot, q)) for q in (a / 2, 1 - a / 2))
+    return ClusterCI(value, lo, hi, n, g, float(np.std(boot)), "cluster bootstrap (percentile)")

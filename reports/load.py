@@ -10,10 +10,12 @@ model_sha256, data_sha256, seed, sequential, batch_size, case_index, case_id, ba
 error``, every scalar metric of the records (``efficacy_success``, ``efficacy_margin``, ...) and
 every per-edit diagnostic flattened as ``diag_<name>``. Raw log-probabilities are not loaded.
 
-Failed edits (``failed: true``, no metrics) count as failures in the edit's own success rates
-(intention to treat): :data:`ITT_COLUMNS` are set to 0 for them, so no mean or paired test
-silently drops them. Their continuous outcomes, diagnostics and locality (the weights were
-restored, the edit never happened) stay missing; tables count them as ``n_failed``.
+Failed edits (``failed: true``) are scored by intention to treat: 0 in the edit's own success
+rates (:data:`suites.metrics.EDIT_SUCCESS_RATES`), and every other outcome (margin, magnitudes,
+locality, fluency) is the value keh measured on the model the failure left (batch mode: the
+unedited model; sequential: the final model), so no mean or paired test drops them. Runs from
+before keh measured failed cases have no such values; :mod:`reports.paired` counts those cases
+and every table says so. Diagnostics stay missing (no edit was made).
 
 The *preset* is the run's ``config.preset`` ("faithful" or "tuned"); manifests written before
 presets existed have none and are labelled ``"legacy"``. Runs of different presets are
@@ -41,10 +43,8 @@ from typing import Any
 import pandas as pd
 
 from harness.errors import UserError
-
-MANIFEST = "manifest.json"
-RECORDS = "records.jsonl"
-CURVE = "curve.jsonl"
+from harness.runfiles import CURVE, MANIFEST, RECORDS
+from suites.itt import EDIT_SUCCESS_RATES
 
 #: identity columns of the case frame (everything else is a metric or a diagnostic)
 ID_COLUMNS = ["run_id", "arm", "preset", "method", "solver", "suite", "model",
@@ -54,10 +54,6 @@ ID_COLUMNS = ["run_id", "arm", "preset", "method", "solver", "suite", "model",
 SKIP_FIELDS = {"logprobs", "diagnostics", "answers", "generations", "method", "suite",
                "model", "seed", "case_index", "case_id", "batch", "failed", "error"}
 DIAG_PREFIX = "diag_"
-#: success rates of the edit itself: 0 for a failed edit (intention to treat)
-ITT_COLUMNS = ("efficacy_success", "paraphrase_success", "efficacy_accuracy",
-               "paraphrase_accuracy", "gen_efficacy_em", "gen_efficacy_f1",
-               "gen_paraphrase_em", "gen_paraphrase_f1")
 LEGACY_PRESET = "legacy"
 
 
@@ -323,11 +319,14 @@ def combine(frames: Sequence[pd.DataFrame], manifests: dict[str, dict[str, Any]]
 
 
 def intention_to_treat(frame: pd.DataFrame) -> pd.DataFrame:
-    """Failed edits score 0 in :data:`ITT_COLUMNS` (those the frame has)."""
+    """Failed edits score 0 in the edit's success rates
+    (:data:`suites.metrics.EDIT_SUCCESS_RATES`, those the frame has); their other outcomes
+    are the values measured on the model the failure left (the records carry them), the rule
+    of :func:`suites.metrics.intention_to_treat`."""
     failed = frame["failed"].astype(bool).to_numpy()
     if failed.any():
         frame = frame.copy()
-        for c in ITT_COLUMNS:
+        for c in EDIT_SUCCESS_RATES:
             if c in frame.columns:
                 frame.loc[failed, c] = 0.0
     return frame
@@ -370,7 +369,7 @@ def _describe(key: str, a: Any, b: Any) -> str:
     return f"{key}: {a!r} vs {b!r}"
 
 
-def differences(a: Mapping[str, Any], b: Mapping[str, Any],
+def design_differences(a: Mapping[str, Any], b: Mapping[str, Any],
                 same_model: bool = True, same_batches: bool = True) -> list[str]:
     """What makes manifests ``a`` and ``b`` unfit for a case-by-case comparison: suite, data
     file, case ids (in order, with batch size and mode, when ``same_batches``; as a set
@@ -404,7 +403,7 @@ def check_comparable(runs: Runs | Mapping[str, Mapping[str, Any]] | Sequence[Map
     ref_id, ref = items[0]
     problems = []
     for rid, m in items[1:]:
-        diff = differences(ref, m, same_model=same_model)
+        diff = design_differences(ref, m, same_model=same_model)
         if diff:
             problems.append(f"{ref_id} vs {rid}: " + "; ".join(diff))
     if problems:
@@ -418,3 +417,49 @@ def case_ids_hash(m: Mapping[str, Any]) -> str:
     """A short fingerprint of a run's ordered case ids (for the report's provenance table)."""
     ids = "\n".join(str(c) for c in (m.get("data") or {}).get("case_ids") or [])
     return hashlib.sha256(ids.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- code revisions
+def revisions_of(m: Mapping[str, Any]) -> list[str]:
+    """The code revisions a run was made with, in order: its start's git commit (``+dirty``
+    with uncommitted changes) and that of every resume that changed it."""
+    def rev(git: Mapping[str, Any] | None) -> str:
+        git = git or {}
+        commit = str(git.get("commit") or "unknown")[:8]
+        return commit + ("+dirty" if git.get("dirty") else "")
+
+    out = [rev(m.get("git"))]
+    for entry in m.get("resumed") or []:
+        if isinstance(entry, Mapping) and entry.get("git"):
+            r = rev(entry["git"])
+            if r != out[-1]:
+                out.append(r)
+    return out
+
+
+def revision_notes(runs: Runs) -> list[str]:
+    """Lines that flag mixed code: an arm whose runs come from different revisions, a run
+    resumed under another revision, and arms compared across revisions (empty when every
+    run of every arm was made, start to end, by one revision)."""
+    by_arm: dict[str, dict[str, list[str]]] = {}
+    notes = []
+    for rid, m in runs.manifests.items():
+        revs = revisions_of(m)
+        label = f"{arm_of(m)} [{preset_of(m)}]"
+        by_arm.setdefault(label, {})
+        for r in revs:
+            by_arm[label].setdefault(r, []).append(rid)
+        if len(revs) > 1:
+            notes.append(f"run {rid} ({label}) was resumed across code revisions "
+                         f"{' -> '.join(revs)}")
+    for label, revs in by_arm.items():
+        if len(revs) > 1:
+            notes.append(f"the runs of {label} come from {len(revs)} code revisions: "
+                         + "; ".join(f"{r} ({', '.join(sorted(set(v)))})"
+                                     for r, v in revs.items()))
+    every = {r for revs in by_arm.values() for r in revs}
+    if len(every) > 1 and len(by_arm) > 1:
+        notes.append("arms compared here come from different code revisions: "
+                     + "; ".join(f"{label}: {', '.join(revs)}" for label, revs in
+                                 by_arm.items()))
+    return notes

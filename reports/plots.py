@@ -1,5 +1,6 @@
-"""Figures (PNG, matplotlib's Agg canvas; no pyplot state). Each function returns a
-:class:`Figure` with its caption, or with ``path=None`` and a note saying why it was skipped.
+"""Figures (PNG, matplotlib's Agg canvas; no pyplot state), each with an SVG twin beside it
+(text kept as text, point clouds rasterised) that ``index.html`` inlines. Each function returns
+a :class:`Figure` with its caption, or with ``path=None`` and a note saying why it was skipped.
 
 * ``metrics_*``: efficacy / generalisation / specificity per method, mean and 95% CI (forest plot).
 * ``downstream_*``: downstream accuracy against the number of edits (curve.jsonl).
@@ -15,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.ticker import MaxNLocator
+from scipy import stats as sps
 
-from reports import stats
-from reports.claims import PRIMARY, NotTestable, pair
+from reports.claims import PRIMARY
 from reports.load import Runs
+from reports.paired import NotTestable, pair
 from reports.tables import Table, main_table, pooled_accuracy, resampling_unit, runs_word, slug
 
 DPI = 130
@@ -30,7 +33,7 @@ MARKERS = ["o", "s", "^", "D", "v", "P"]
 #: probe-set metrics drawn (when a run records them), in this order
 PROBE_KEYS = ["efficacy_success", "paraphrase_success", "neighborhood_success",
               "efficacy_margin", "efficacy_accuracy", "paraphrase_accuracy",
-              "specificity_accuracy", "score"]
+              "specificity_accuracy", "score", "neighborhood_kl"]
 
 
 @dataclass
@@ -48,9 +51,13 @@ def _new(width: float = 6.4, height: float = 4.0) -> MplFigure:
 
 
 def _save(fig: MplFigure, directory: Path, name: str) -> Path:
+    """``<name>.png`` and its twin ``<name>.svg`` (text as text, no date, fixed ids)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.png"
     fig.savefig(path, dpi=DPI)
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": name}):
+        fig.savefig(path.with_suffix(".svg"), format="svg", dpi=DPI,
+                    metadata={"Date": None})
     return path
 
 
@@ -212,7 +219,7 @@ def plot_diagnostics(runs: Runs, directory: Path) -> Figure:
                    orientation="horizontal")
         for y, a, v in zip(pos, arms, data, strict=True):
             ax.scatter(v, y + rng.uniform(-0.15, 0.15, v.size), s=6, alpha=0.5,
-                       color=colors[a])
+                       color=colors[a], rasterized=True)
         ax.set_title({"diag_rho": "realisation rho", "diag_z_error": "z-error e"}[d])
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
@@ -244,20 +251,23 @@ def plot_gain_vs_rho(runs: Runs, treatment: str, baseline: str, directory: Path,
                       f"{baseline} runs with rho: {exc}")
     x = rho.frame["x"].reindex(gain.frame.index).to_numpy(float)
     y = (gain.frame["x"] - gain.frame["y"]).to_numpy(float)
-    r = stats.spearman(x, y, n_resamples=n_resamples, seed=seed)
+    ok = np.isfinite(x) & np.isfinite(y)
+    varied = ok.sum() >= 3 and np.ptp(x[ok]) > 0 and np.ptp(y[ok]) > 0
+    rho_s = float(sps.spearmanr(x[ok], y[ok]).statistic) if varied else float("nan")
     fig = _new(5.0, 3.8)
     ax = fig.add_subplot()
-    ax.scatter(x, y, s=10, alpha=0.6)
+    ax.scatter(x, y, s=10, alpha=0.6, rasterized=True)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel(f"rho of {baseline}")
     ax.set_ylabel(f"gain in {out_col} ({treatment} - {baseline})")
-    ax.set_title(f"Spearman {r.rho:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}], n={r.n}", fontsize=9)
+    ax.set_title(f"Spearman {rho_s:+.2f}, n={int(ok.sum())}", fontsize=9)
     ax.grid(alpha=0.3)
     caption = (f"{suite} / {model}: per-case gain of {treatment} over {baseline} in {out_col} "
                f"against {baseline}'s realisation rho (mean over common seeds); descriptive "
-               f"Spearman = {r.rho:+.2f}, case-bootstrap 95% CI [{r.lo:+.2f}, {r.hi:+.2f}], "
-               f"n = {r.n}. A ceiling on {treatment}'s outcome alone makes this negative; "
-               f"T4 therefore tests the relation at equal baseline outcome (claims table).")
+               f"Spearman = {rho_s:+.2f}, n = {int(ok.sum())} (no interval: the cases of a "
+               f"unit are not independent). A ceiling on {treatment}'s outcome alone makes "
+               f"this negative; T4 therefore tests the relation at equal baseline outcome "
+               f"(claims table).")
     return Figure(name, caption, _save(fig, directory, name))
 
 
@@ -280,9 +290,12 @@ def plot_rho_by_batch(runs: Runs, directory: Path) -> Figure:
         b, m = per.index.to_numpy(float), per["mean"].to_numpy(float)
         half = 1.96 * per["sem"].fillna(0.0).to_numpy(float)
         k = list(colors).index(arm)
+        dense = len(b) > 200  # rasterised in the SVG twin (thousands of batches: megabytes)
         ax.plot(b, m, marker=MARKERS[k % len(MARKERS)], ms=4 if len(b) <= 40 else 0,
-                ls=LINESTYLES[k % len(LINESTYLES)], color=colors[arm], label=arm)
-        ax.fill_between(b, m - half, m + half, color=colors[arm], alpha=0.15, lw=0)
+                ls=LINESTYLES[k % len(LINESTYLES)], color=colors[arm], label=arm,
+                rasterized=dense)
+        ax.fill_between(b, m - half, m + half, color=colors[arm], alpha=0.15, lw=0,
+                        rasterized=dense)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("batch index (edits applied in order)")
     ax.set_ylabel("mean realisation rho")

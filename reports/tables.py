@@ -30,9 +30,8 @@ import pandas as pd
 from scipy import stats as sps
 
 from reports import inference as inf
-from reports import stats
-from reports.claims import NotTestable, holm, location_test, pair
 from reports.load import Runs, diagnostic_columns
+from reports.paired import NotTestable, mean_ci, pair, paired_test, unit_labels, units_of
 
 #: suite -> [(label, column)]; values are scaled by SCALE for display and tests
 COLUMNS: dict[str, list[tuple[str, str]]] = {
@@ -106,23 +105,19 @@ def columns_for(suite: str, frame: pd.DataFrame) -> list[tuple[str, str]]:
             if has(col) or (col in TOGETHER and has(TOGETHER[col]))]
 
 
-def cluster_labels(rows: pd.DataFrame) -> np.ndarray:
-    """Inference units: the batch in sequential runs (the same cases in every seed), the
-    case with all its seeds in batch mode."""
-    case = "c:" + rows["case_id"].astype(str).to_numpy(object)
-    seq = rows["sequential"].to_numpy(bool)
-    batch = "b:" + rows["batch"].astype(str).to_numpy(object)
-    return np.where(seq, batch, case)
-
-
 def resampling_unit(frame: pd.DataFrame) -> str:
-    """The inference unit of :func:`cluster_labels`, in words, with the number of clusters."""
-    labels = cluster_labels(frame)
-    n_b = len({x for x in labels if str(x).startswith("b:")})
-    n_c = len({x for x in labels if str(x).startswith("c:")})
-    parts = ([f"batches ({n_b}; sequential runs)"] if n_b else []) + (
-        [f"cases ({n_c}; batch mode)"] if n_c else [])
-    return " and ".join(parts)
+    """The inference unit of every arm's means (:func:`reports.paired.units_of` over its
+    runs), in words with the number of units: ``batches (10; sequential runs)``."""
+    kinds: dict[str, set[int]] = {}
+    for _, rows in frame.groupby(["arm", "preset"] if "preset" in frame else ["arm"],
+                                 sort=False):
+        units = units_of(rows)
+        single = units.nunique() == units.size
+        kind = ("cases (one edit per unit)" if single else "batches (sequential runs)"
+                if rows["sequential"].any() else "batches (batch mode, edited together)")
+        kinds.setdefault(kind, set()).add(int(units.nunique()))
+    return " and ".join(f"{k.split(' (')[0]} ({'/'.join(map(str, sorted(v)))}; "
+                        f"{k.split(' (')[1]}" for k, v in kinds.items())
 
 
 def arm_label(arm: str, preset: Any) -> str:
@@ -181,42 +176,28 @@ def _arm_groups(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def _arm_summary(label: str, rows: pd.DataFrame, full: bool = True) -> dict[str, Any]:
+    """The row head of an arm: method, runs (with ``full``: seeds and cases) and the failed
+    edits (always: every table that reports an arm counts its failures)."""
     out: dict[str, Any] = {"method": label, "runs": rows["run_id"].nunique()}
     if full:
         seeds = sorted(rows["seed"].dropna().unique().tolist())
         out.update({"seeds": ",".join(str(int(s)) for s in seeds),
-                    "cases": rows["case_id"].nunique(),
-                    "n_failed": int(rows["failed"].astype(bool).sum())})
+                    "cases": rows["case_id"].nunique()})
+    out["n_failed"] = int(rows["failed"].astype(bool).sum())
     return out
 
 
-def _joined_with_seeds(ci: inf.ClusterCI, rows: pd.DataFrame, values: np.ndarray,
-                       groups: np.ndarray) -> inf.ClusterCI:
-    """With two or more seeds, the union of ``ci`` and the two-way seed x unit interval
-    (:func:`reports.inference.seed_batch_t_test`): a run's cases share its final model, so
-    its seed moves them together."""
-    if "seed" not in rows.columns or rows["seed"].nunique() < 2:
-        return ci
-    table = pd.DataFrame({"seed": rows["seed"].to_numpy(), "unit": groups, "v": values})
-    cells = table.groupby(["seed", "unit"])["v"].mean().unstack("unit").to_numpy(float)
-    tw = inf.seed_batch_t_test(cells)
-    if not np.isfinite(tw.p):
-        return ci
-    return inf.ClusterCI(ci.value, float(np.nanmin([ci.lo, tw.lo])),
-                         float(np.nanmax([ci.hi, tw.hi])), ci.n, ci.n_clusters, ci.se,
-                         f"{ci.method}, joined with the {tw.method}")
-
-
-def _ci_cells(rows: pd.DataFrame, spec: Sequence[tuple[str, str]], groups: np.ndarray,
-              n_resamples: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def _ci_cells(rows: pd.DataFrame, spec: Sequence[tuple[str, str]], n_resamples: int,
+              seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Mean and 95% interval of each column of ``spec`` over the arm's units
+    (:func:`reports.paired.mean_ci`); raw numbers and display strings."""
     raw, disp = {}, {}
     for label, col in spec:
         if col not in rows.columns:
             values = np.full(len(rows), np.nan)
         else:
             values = rows[col].to_numpy(float) * scale_of(col)
-        ci = inf.wild_cluster_ci(values, groups, n_draws=n_resamples, seed=seed)
-        ci = _joined_with_seeds(ci, rows, values, groups)
+        ci = mean_ci(rows, values, n_draws=n_resamples, seed=seed)
         lo, hi = clip_to_range(col, ci.lo, ci.hi)
         raw.update({label: ci.value, f"{label}_lo": lo, f"{label}_hi": hi})
         disp[label] = fmt_ci(ci.value, lo, hi, _digits(col))
@@ -234,21 +215,14 @@ def main_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Table | No
     raw_rows, disp_rows = [], []
     for label, rows in _arm_groups(frame):
         raw, disp = _arm_summary(label, rows), _arm_summary(label, rows)
-        groups = cluster_labels(rows)
-        r, d = _ci_cells(rows, spec, groups, n_resamples, seed)
+        r, d = _ci_cells(rows, spec, n_resamples, seed)
         raw.update(r)
         disp.update(d)
         parts = [c for lab, c in spec if lab in SCORE.get(suite, ())]
         if len(parts) == len(SCORE.get(suite, ())) and parts:
             cols = rows[parts].to_numpy(float) * 100.0
-            if len(set(groups)) >= stats.MIN_CLUSTERS:
-                ci = stats.cluster_bootstrap(cols, _hm, groups, n_resamples=n_resamples,
-                                             seed=seed)
-            else:  # too few clusters for a bootstrap of a ratio: the point only
-                with np.errstate(invalid="ignore"):
-                    value = float(_hm(np.nanmean(cols, axis=0)))
-                ci = stats.MeanCI(value, math.nan, math.nan, len(cols), len(set(groups)),
-                                  "none")
+            ci = inf.cluster_bootstrap_ci(cols, _hm, unit_labels(rows), n_draws=n_resamples,
+                                          seed=seed)
             raw.update({"Score": ci.value, "Score_lo": ci.lo, "Score_hi": ci.hi})
             disp["Score"] = fmt_ci(ci.value, ci.lo, ci.hi, 1)
         raw_rows.append(raw)
@@ -257,7 +231,7 @@ def main_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Table | No
     n_failed = int(frame["failed"].astype(bool).sum())
     caption = (f"{suite} / {model}: mean over cases and seeds (x100; {labels}"
                + ("; Score = harmonic mean of Eff, Gen, Spe, CI by a cluster bootstrap with "
-                  f">= {stats.MIN_CLUSTERS} clusters" if suite in SCORE else "")
+                  f">= {inf.MIN_CLUSTERS} units" if suite in SCORE else "")
                + f") with 95% wild cluster bootstrap-t CI; inference unit: "
                f"{resampling_unit(frame)}. Failed edits count as failures in Eff and Gen "
                f"(intention to treat): n_failed = {n_failed}"
@@ -273,7 +247,7 @@ def _spec_rows(frame: pd.DataFrame, spec: Sequence[tuple[str, str]], n_resamples
     raw_rows, disp_rows = [], []
     for label, rows in _arm_groups(frame):
         raw, disp = _arm_summary(label, rows, False), _arm_summary(label, rows, False)
-        r, d = _ci_cells(rows, spec, cluster_labels(rows), n_resamples, seed)
+        r, d = _ci_cells(rows, spec, n_resamples, seed)
         raw.update(r)
         disp.update(d)
         raw_rows.append(raw)
@@ -298,7 +272,8 @@ def outcome_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Table |
                + "; rates and magnitudes x100, margin in log-prob units, NKL = KL(edited || "
                "unedited) of the next token after the neighbourhood prompts in nats, + = "
                "CounterFact+: the edit statement prepended), mean with 95% wild cluster "
-               f"bootstrap-t CI over {resampling_unit(frame)}; failed edits have none.")
+               f"bootstrap-t CI over {resampling_unit(frame)}; failed edits (n_failed) keep the "
+               f"outcomes measured on the model they left (intention to treat).")
     return Table(f"outcomes_{slug(suite)}_{slug(model)}", caption, pd.DataFrame(raw_rows),
                  pd.DataFrame(disp_rows))
 
@@ -316,8 +291,8 @@ def generation_table(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> Tabl
                "(greedy answer of at most the run's answer_tokens new tokens, cut at the first "
                "line or sentence end; EM = SQuAD-normalised exact match, F1 = token F1 against "
                "target_new for Eff/Gen and the true answer for Spe), x100, mean with 95% wild "
-               f"cluster bootstrap-t CI over {resampling_unit(frame)}; failed edits count as "
-               "failures in Eff and Gen.")
+               f"cluster bootstrap-t CI over {resampling_unit(frame)}; failed edits (n_failed) "
+               "count as failures in Eff and Gen.")
     return Table(f"generation_{slug(suite)}_{slug(model)}", caption, pd.DataFrame(raw_rows),
                  pd.DataFrame(disp_rows))
 
@@ -362,7 +337,7 @@ def diagnostics_tables(runs: Runs, n_resamples: int = 2000, seed: int = 0) -> li
             if not rows[chunk].notna().any().any():
                 continue
             raw, disp = _arm_summary(label, rows, False), _arm_summary(label, rows, False)
-            r, d = _ci_cells(rows, spec, cluster_labels(rows), n_resamples, seed)
+            r, d = _ci_cells(rows, spec, n_resamples, seed)
             raw.update(r)
             disp.update(d)
             raw_rows.append(raw)
@@ -408,11 +383,14 @@ def downstream_table(runs: Runs) -> Table | None:
             pts = g[g["n_edits"] == n_edits]
             acc, lo, hi, n = pooled_accuracy(pts)
             edits = _edits_label(pts, runs)
+            n_failed = int(runs.frame.loc[runs.frame["run_id"].isin(pts["run_id"]),
+                                          "failed"].astype(bool).sum())
             raw_rows.append({"method": label, "task": task, "n_edits": n_edits,
                              "edits_in_model": edits, "runs": pts["run_id"].nunique(),
-                             "n": n, "acc": acc, "lo": lo, "hi": hi})
+                             "n_failed": n_failed, "n": n, "acc": acc, "lo": lo, "hi": hi})
             disp_rows.append({"method": label, "task": task, "edits in model": edits,
-                              "runs": pts["run_id"].nunique(), "examples": n,
+                              "runs": pts["run_id"].nunique(), "n_failed": n_failed,
+                              "examples": n,
                               "acc (%)": fmt_ci(100 * acc, 100 * lo, 100 * hi, 1)})
     caption = (f"{suite} / {model}: downstream accuracy at the first and last checkpoint; "
                f"'edits in model': the edits the evaluated model holds (batch mode: one "
@@ -470,16 +448,14 @@ def pairwise_rows(runs: Runs, baseline: str, n_resamples: int = 1000,
                     out.append({**base, "note": f"not testable: {exc}"})
                     continue
                 x, y = pr.frame["x"].to_numpy(float), pr.frame["y"].to_numpy(float)
-                res = location_test(x - y, pr.units, seed=seed, binary_pairs=(x, y),
-                                    cells=pr.cells())
+                res = paired_test(pr, seed=seed)
                 k = scale_of(col)
                 out.append({**base, "n": res.n, "unit": pr.unit_name(), "test": res.test,
                             "mean_method": k * float(np.mean(x)),
                             "mean_vs": k * float(np.mean(y)), "effect": k * res.mean,
                             "ci_lo": k * res.lo, "ci_hi": k * res.hi, "mde": k * res.mde,
-                            "p": res.p, "seeds": ",".join(map(str, pr.seeds)) or "pooled",
-                            "note": f"{pr.n_failed} cases with a failed edit"
-                            if pr.n_failed else ""})
+                            "p": res.p, "seeds": ",".join(pr.slots),
+                            "note": pr.itt_note()})
     return out
 
 
@@ -494,7 +470,7 @@ def pairwise_table(rows: list[dict[str, Any]], baseline: str, alpha: float = 0.0
         if c not in raw.columns:
             raw[c] = np.nan
     raw["p"] = pd.to_numeric(raw["p"], errors="coerce").astype(float)
-    raw["p_holm"] = holm(raw["p"].to_numpy())
+    raw["p_holm"] = inf.holm(raw["p"].to_numpy())
     disp = pd.DataFrame({
         "suite / model": raw["suite"] + " / " + raw["model"],
         "method": [arm_label(m, p) for m, p in zip(raw["method"], raw["preset"], strict=True)],

@@ -79,3 +79,4 @@ def field_means(records: Sequence[dict], fields: Sequence[str],
             m = sum(vals) / len(vals)
             out[f] = 100.0 * m if percent(f) else m
     return out
+

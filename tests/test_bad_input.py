@@ -191,6 +191,8 @@ def test_ft_hparams_ranges(tmp_path, capsys, sets, needle):
     (b"42\n", "expected a mapping of hyperparameters (field: value), got a int"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not UTF-8 text"),
     (b"layers: [1, 2\nlr: 3\n", "not valid YAML at line"),
+    (b"layers: [1]\nlr: 0.5\nlayers: [2]\n",  # last value used to win, silently
+     "not valid YAML at line 3, column 1: duplicate key 'layers' (first at line 1); keep one"),
 ])
 def test_bad_hparams_file(tmp_path, capsys, content, needle):
     path = tmp_path / "hp.yaml"

@@ -146,6 +146,8 @@ def test_complete_run_with_other_hparams_is_set_aside_and_rerun(tmp_path, shared
     ("- models: [m]\n  methods: [rome]\n  suites: [zsre]\n  sequential: false\n"
      "  eval_every: 2\n", "(rome / zsre / seed 0): --eval-every 2 needs --sequential"),
     ("models: [m\n", "not valid YAML (while parsing"),
+    ("models: [m]\nmethods: [rome]\nsuites: [zsre]\nmethods: [ft]\n",
+     "duplicate key 'methods' (first at line 2); keep one"),
 ])
 def test_bad_grid_is_one_line(tmp_path, capsys, text, needle):
     grid = tmp_path / "bad.yaml"

@@ -20,11 +20,16 @@ from tests.test_reports_build import make_run
 
 @pytest.fixture
 def batch_runs(tmp_path) -> list[Path]:
-    """noop, MEMIT, AlphaEdit and MetaKE in batch mode (the case is the unit), 24 cases."""
+    """noop, MEMIT, AlphaEdit and MetaKE in batch mode with batches of one edit (the case is
+    the unit), 24 cases."""
     gains = {"noop": -1.5, "memit": 0.5, "alphaedit": 1.0, "metake": 2.5}
     dirs = [make_run(tmp_path, m, sequential=False, margin_gain=g) for m, g in gains.items()]
     for i, d in enumerate(dirs):  # phase timings: 3, 4, 5, 6 minutes in all
+        recs = [json.loads(line) for line in (d / "records.jsonl").read_text().splitlines()]
+        (d / "records.jsonl").write_text("".join(
+            json.dumps({**r, "batch": r["case_index"]}) + "\n" for r in recs))
         m = json.loads((d / "manifest.json").read_text())
+        m["config"]["batch_size"] = 1
         m["timings"].update({"load_model_s": 90.0, "edit_s": 60.0 * (i + 1),
                              "evaluate_s": 30.0})
         (d / "manifest.json").write_text(json.dumps(m))
@@ -51,7 +56,7 @@ def test_headline_contrasts_are_the_paired_tests_at_the_case(batch_runs):
         n10, n01 = int(np.sum((x == 1) & (y == 0))), int(np.sum((x == 0) & (y == 1)))
         p = mcnemar([[0, n10], [n01, 0]], exact=True).pvalue if n10 + n01 else 1.0
         assert (r["test"], r["p"]) == ("mcnemar", pytest.approx(p))
-        assert r["unit"] == "case (24; one seed: conditional on the run)"
+        assert r["unit"] == "case (24; one edit per unit)"
         assert r["lo"] <= r["effect"] <= r["hi"] and r["mde"] >= 0
         p_raw.append(p)
     holm = multipletests(p_raw, method="holm")[1]
@@ -84,11 +89,11 @@ def test_final_table_names_the_report_columns_and_each_run_time(batch_runs, tmp_
     text = console.summary([*batch_runs, zsre])
     lines = text.splitlines()
     assert lines[0] == ("counterfact / toy: mean over cases and seeds, x100, with 95% "
-                        "interval; unit: cases (24; batch mode)")
+                        "interval; unit: cases (24; one edit per unit)")
     assert cells(lines[2]) == ["method", "seeds", "cases", "Eff", "Gen", "Spe", "Score",
                                "time per run"]
     z = lines.index("zsre / toy: mean over cases and seeds, x100, with 95% interval; unit: "
-                    "cases (24; batch mode)")
+                    "batches (12; batch mode, edited together)")
     rows = {cells(line)[0]: cells(line) for line in lines[:z] if line.startswith("| ")}
     eff = 100 * column(batch_runs[0], "efficacy_success").mean()
     assert rows["noop [legacy]"][3].startswith(f"{eff:.1f} [")

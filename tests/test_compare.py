@@ -12,7 +12,7 @@ import pytest
 
 from harness.cli import main
 from reports import inference as inf
-from reports.compare import margin_tests
+from reports.paired import margin_tests
 from tests.test_reports_build import CASES, make_run
 
 ALPHA = 0.05
@@ -153,7 +153,7 @@ def test_worse_candidate_exits_1_and_json_has_the_table(runs, tmp_path, capsys):
     assert verdicts["efficacy_margin"] == "worse"
     assert set(verdicts) == {"efficacy_success", "paraphrase_success", "neighborhood_success",
                              "efficacy_margin"}
-    assert "sharing a batch (12" in doc["unit"]
+    assert doc["unit"] == "batch (12 clusters; sequential runs)"
 
 
 def test_a_second_seed_is_not_worse_and_noninferiority_can_be_required(runs, capsys):
@@ -222,21 +222,136 @@ def test_end_to_end_on_a_tiny_model(tmp_path, capsys, shared_data):
 
 
 @pytest.mark.slow
-def test_regress_runs_both_sides_once_and_gates(tmp_path, capsys, shared_data, monkeypatch):
-    """``nox -s regress``: both sides run, a second call reuses them, the gate's exit status
-    comes back; a candidate equal to the baseline is refused."""
+def test_regress_exit_codes_on_a_tiny_model(tmp_path, capsys, shared_data, monkeypatch):
+    """``nox -s regress`` on 12 single edits of a random Llama: a design of 3 units is refused
+    before anything runs (exit 2); no edit against FT that writes the facts (unconstrained) is
+    worse (exit 1), and a second call reuses both runs with the same exit; a candidate that
+    does what the baseline does is not worse (exit 0); one equal to the baseline is
+    refused."""
     from harness import regress
 
     monkeypatch.setenv("KEH_DATA_DIR", str(shared_data))
-    args = ["--method", "noop", "--against", "ft", "--model", "random:llama-tiny",
-            "--n-edits", "6", "--batch-size", "2", "--out", str(tmp_path)]
-    first = regress.main(args)
-    assert first in (0, 1)
-    assert len(list(tmp_path.glob("counterfact_*"))) == 2
-    capsys.readouterr()
-    assert regress.main(args) == first
+    strong = ["norm_constraint=10", "lr=0.05"]
+    ft = ["--against", "ft", *(x for kv in strong for x in ("--against-set", kv))]
+    common = ["--model", "random:llama-tiny", "--n-edits", "12", "--batch-size", "1",
+              "--out", str(tmp_path)]
+    assert regress.main(["--method", "noop", *ft, "--model", "random:llama-tiny",
+                         "--n-edits", "6", "--batch-size", "2", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "3 units give a smallest p of" in err and "at least 7 units" in err
+    assert not list(tmp_path.iterdir())  # refused before anything ran
+    assert regress.main(["--method", "noop", *ft, *common]) == 1
     out = capsys.readouterr().out
-    assert out.count("skip (complete)") == 2 and "candidate noop" in out
-    assert regress.main(["--method", "ft", "--against", "ft", "--model", "random:llama-tiny",
-                         "--out", str(tmp_path)]) == 2
+    assert "smallest p after Holm" in out and "worse" in out.split("verdict", 1)[1]
+    assert regress.main(["--method", "noop", *ft, *common]) == 1
+    assert capsys.readouterr().out.count("skip (complete)") == 2
+    same = [x for kv in strong for x in ("--set", kv)]
+    assert regress.main(["--method", "ft", *same, *ft, *common]) == 2  # the same run
     assert "same run" in capsys.readouterr().err
+    # FT with its own default number of steps set explicitly: another run, the same edits
+    assert regress.main(["--method", "ft", *same, "--set", "steps=25", *ft, *common]) == 0
+    out = capsys.readouterr().out
+    assert "non-inferior" in out and " worse" not in out.split("verdict", 1)[1]
+
+
+# ---------------------------------------------------------------- power and intention to treat
+def _with_failures(run: Path, cases: set[int], margin: float | None) -> Path:
+    """Mark ``cases`` of a synthetic run as failed edits, with the outcomes keh measures on
+    the model a failure leaves (``margin``), or, with None, none (older records)."""
+    recs = [json.loads(x) for x in (run / "records.jsonl").read_text().splitlines()]
+    for r in recs:
+        if r["case_index"] in cases:
+            r.update({"failed": True, "error": "NumericalError: boom", "diagnostics": {}})
+            if margin is None:
+                for k in [k for k in r if k.endswith(("_success", "_margin", "_magnitude"))]:
+                    del r[k]
+            else:
+                r.update({"efficacy_margin": margin, "efficacy_success": 1.0,
+                          "paraphrase_success": 1.0})
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return run
+
+
+def test_failed_edits_count_against_the_candidate_by_intention_to_treat(tmp_path, capsys):
+    """A candidate equal to the baseline except that a third of its edits failed (8 of 24
+    cases, in 8 of 12 batches), with the outcomes measured on the model they left (margin -4,
+    the records' edit rates 1.0 ignored: a failed edit is a failure): worse in margin and
+    efficacy. Every other case is identical, so dropping the failed cases (the old rule for
+    the margin) would have shown no difference at all."""
+    base = make_run(tmp_path, "alphaedit", 0, run_id="base")
+    cand = make_run(tmp_path, "alphaedit", 0, run_id="cand", hparams={"layers": [2]})
+    failed = {0, 3, 4, 7, 8, 11, 12, 15}
+    _with_failures(cand, failed, margin=-4.0)
+    status, out, _ = _compare(capsys, "--baseline", str(base), "--candidate", str(cand),
+                              "--metrics", "efficacy_margin,efficacy_success", "--json",
+                              str(tmp_path / "c.json"))
+    doc = json.loads((tmp_path / "c.json").read_text())
+    res = {r["metric"]: r for r in doc["results"]}
+    assert status == 1 and res["efficacy_margin"]["verdict"] == "worse"
+    assert res["efficacy_margin"]["n_cases"] == 24  # no case dropped
+    assert res["efficacy_margin"]["n_failed_candidate"] == 8
+    # the edit rate: the failed edits score 0 even though the record says 1.0
+    assert res["efficacy_success"]["candidate"] == pytest.approx(
+        res["efficacy_success"]["baseline"] - np.mean(
+            [json.loads(x)["efficacy_margin"] > 0 for x in
+             (base / "records.jsonl").read_text().splitlines()
+             if json.loads(x)["case_index"] in failed]) * 8 / 24)
+    assert "8/" not in out.split("\n")[0] and " 0/8 " in out  # failures shown in the table
+
+
+def test_failed_edits_without_measured_outcomes_are_refused(tmp_path, capsys):
+    base = make_run(tmp_path, "alphaedit", 0, run_id="base")
+    cand = _with_failures(make_run(tmp_path, "alphaedit", 0, run_id="cand",
+                                   hparams={"layers": [2]}), {3, 4}, margin=None)
+    status, _, err = _compare(capsys, "--baseline", str(base), "--candidate", str(cand))
+    assert status == 2 and "2 failed edits have no measured outcome" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_design_that_cannot_reach_alpha_is_refused_unless_allowed(tmp_path, capsys):
+    """Five batches: the smallest one-sided sign-flip p is 1/32, times 4 metrics by Holm
+    0.125: refused (exit 2) with the units needed; with --allow-underpowered it runs and
+    says so, and even a far worse candidate cannot exit 1."""
+    ids = CASES[:10]
+    base = make_run(tmp_path, "alphaedit", 0, case_ids=ids, run_id="b")
+    worse = make_run(tmp_path, "memit", 0, case_ids=ids, margin_gain=-20.0, run_id="w")
+    status, _, err = _compare(capsys, "--baseline", str(base), "--candidate", str(worse))
+    assert status == 2 and "smallest p of 0.125" in err and "at least 7 units" in err
+    status, out, _ = _compare(capsys, "--baseline", str(base), "--candidate", str(worse),
+                              "--allow-underpowered")
+    assert status == 0 and "warning: underpowered" in out
+
+
+def test_the_table_shows_the_mde_beside_each_difference(runs, tmp_path, capsys):
+    path = tmp_path / "c.json"
+    _, out, _ = _compare(capsys, "--baseline", str(runs["base"]), "--candidate",
+                         str(runs["seed1"]), "--json", str(path))
+    doc = json.loads(path.read_text())
+    assert "MDE (drop)" in out
+    for r in doc["results"]:
+        assert np.isfinite(r["mde"]) and r["mde"] >= r["margin"]
+    assert doc["results"][3]["mde"] > doc["results"][3]["margin"]  # the margin varies
+
+
+def test_report_and_gate_agree_on_the_same_runs(tmp_path):
+    """One inference core: on the same two runs (the candidate with failed edits) the
+    report's pairwise table and keh compare give the same intention-to-treat differences,
+    case counts and units."""
+    from reports.compare import compare_runs
+    from reports.load import load_runs
+    from reports.tables import pairwise_rows, scale_of
+
+    base = make_run(tmp_path, "alphaedit", 0, run_id="base")
+    cand = _with_failures(make_run(tmp_path, "memit", 0, run_id="cand", margin_gain=0.5),
+                          {0, 5, 9}, margin=-3.0)
+    c = compare_runs(load_runs([base]), load_runs([cand]), n_draws=999)
+    report = {r["metric"]: r for r in pairwise_rows(load_runs([base, cand]), "alphaedit", 200)}
+    labels = {"efficacy_success": "Eff", "paraphrase_success": "Gen",
+              "neighborhood_success": "Spe", "efficacy_margin": "Margin"}
+    for r in c.results:
+        row = report[labels[r.metric]]
+        assert row["effect"] == pytest.approx(scale_of(r.metric) * r.diff)
+        assert row["n"] == r.n_cases == 24
+        assert row["unit"] == c.unit == "batch (12 clusters; sequential runs)"
+        assert "3 cases with a failed edit" in row["note"]
+    assert {r.metric: r.n_failed_candidate for r in c.results} == dict.fromkeys(labels, 3)

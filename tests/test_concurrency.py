@@ -7,17 +7,22 @@ within milliseconds of each other."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from harness import cachefiles
 from harness import checkpoint as ckpt
 from harness import records as rec_io
+from harness.cachefiles import run_lock
 from harness.config import RunConfig
 from harness.models import cache_dir
 from harness.runner import run
@@ -44,6 +49,34 @@ res = second_moment_stats(lm, [1, 2], n_tokens=3000, seq_len=64, show_progress=F
 c0 = b"".join(res.C0[k].cpu().numpy().tobytes() for k in sorted(res.C0))
 print(json.dumps({"computed": res.computed, "C0": hashlib.sha256(c0).hexdigest()}))
 """
+
+
+HOLD = """
+import sys
+from pathlib import Path
+from harness.cachefiles import key_lock, run_lock
+kind, path = sys.argv[1], Path(sys.argv[2])
+with run_lock(path) if kind == "run" else key_lock(path.parent, [path.stem]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def held_elsewhere(kind: str, path: Path) -> Iterator[int]:
+    """Another process holding a lock for the ``with`` block, as a live run (``kind`` "run":
+    ``path`` is the run directory) or a process filling a cache entry ("key": ``path`` is
+    ``<lock_dir>/<key>.lock``) does; yields its pid."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, kind, str(path)], cwd=ROOT,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=60)
 
 
 def _env(cache: Path | None = None) -> dict[str, str]:
@@ -103,8 +136,9 @@ class _Crash(Exception):
     pass
 
 
-def _interrupted(tmp_path: Path, tiny_lm: Any, monkeypatch) -> Path:
-    """An 8-case noop run (batches of 1) that crashed after saving 2 batches."""
+def killed(cfg: RunConfig, lm: Any, monkeypatch) -> Path:
+    """The run of ``cfg`` stopped after its second checkpoint (as a kill leaves it); its
+    directory."""
     real, calls = ckpt.save, {"n": 0}
 
     def save(*args: Any, **kwargs: Any) -> None:
@@ -113,13 +147,18 @@ def _interrupted(tmp_path: Path, tiny_lm: Any, monkeypatch) -> Path:
             raise _Crash
         real(*args, **kwargs)
 
-    cfg = RunConfig(model="random:llama-tiny", method="noop", suite="counterfact", n_edits=8,
-                    batch_size=1, device="cpu", out_dir=str(tmp_path / "runs"), run_id="r")
     with monkeypatch.context() as m:
         m.setattr(ckpt, "save", save)
         with pytest.raises(_Crash):
-            run(cfg, lm=tiny_lm, log=lambda s: None)
-    run_dir = tmp_path / "runs" / "r"
+            run(cfg, lm=lm, log=lambda s: None)
+    return Path(cfg.out_dir) / (cfg.run_id or cfg.default_run_id())
+
+
+def _interrupted(tmp_path: Path, tiny_lm: Any, monkeypatch) -> Path:
+    """An 8-case noop run (batches of 1) that crashed after saving 2 batches."""
+    cfg = RunConfig(model="random:llama-tiny", method="noop", suite="counterfact", n_edits=8,
+                    batch_size=1, device="cpu", out_dir=str(tmp_path / "runs"), run_id="r")
+    run_dir = killed(cfg, tiny_lm, monkeypatch)
     assert json.loads((run_dir / ckpt.CHECKPOINT_DIR / ckpt.PROGRESS).read_text())[
         "batches_done"] == 2
     return run_dir
@@ -150,3 +189,54 @@ def test_same_statistics_computed_once(tmp_path, tiny_lm):
     assert sorted(g["computed"] for g in got) == [[], [1, 2]]
     assert got[0]["C0"] == got[1]["C0"]
     assert len(list((cache / "stats").glob("*.safetensors"))) == 2
+
+
+# ------------------------------------------------------------------------------ the run lock
+
+
+def _free(path: Path) -> bool:
+    """Whether no open file holds the flock of ``path`` (tried from a new open file)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # also drops the lock just taken
+    return True
+
+
+def test_run_lock_is_reentrant_in_one_process(tmp_path):
+    """A grid cell holds its run's lock while it decides, then resumes the run, which takes
+    the same lock again: that must pass, and the lock must stay held until the outer block
+    ends."""
+    with run_lock(tmp_path):
+        with run_lock(tmp_path):
+            assert not _free(tmp_path / ".lock")
+        assert not _free(tmp_path / ".lock")
+    assert _free(tmp_path / ".lock")
+
+
+def test_run_lock_on_a_directory_set_aside_meanwhile(tmp_path, monkeypatch):
+    """Between opening ``<run>/.lock`` and locking it, the holder sets the directory aside and
+    a new run starts under the name: the lock taken must be the new directory's, not the one
+    of the directory now called ``.stale-1`` (whose holder has let it go)."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    real_open, moved = os.open, []
+
+    def open_then_move(path: Any, flags: int, mode: int = 0o777) -> int:
+        fd = real_open(path, flags, mode)
+        if not moved and Path(path) == run_dir / ".lock":
+            run_dir.rename(tmp_path / "r.stale-1")
+            run_dir.mkdir()
+            moved.append(fd)
+        return fd
+
+    with monkeypatch.context() as m:
+        m.setattr(cachefiles.os, "open", open_then_move)
+        with run_lock(run_dir):
+            assert moved
+            assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
+            assert not _free(run_dir / ".lock")
+            assert _free(tmp_path / "r.stale-1" / ".lock")

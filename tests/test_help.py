@@ -68,9 +68,9 @@ def test_one_name_per_setting_across_commands():
 
     base = ["--method", "ft", "--against", "noop"]
     ap = regress.build_parser()
-    assert ap.parse_args(base).sequential is RunConfig().sequential is False
-    assert ap.parse_args([*base, "--sequential"]).sequential is True
-    assert ap.parse_args([*base, "--no-sequential"]).sequential is False
+    assert RunConfig().sequential is regress.PROTOCOLS[ap.parse_args(base).protocol].sequential
+    assert regress.PROTOCOLS[ap.parse_args([*base, "--protocol", "sequential"]).protocol
+                             ].sequential is True
     assert ap.parse_args([*base, "--out-dir", "a"]).out == ap.parse_args([*base, "--out", "a"]).out
     new = stats.build_parser().parse_args(
         ["--layers", "4", "--stats-sampling", "tokens", "--stats-records", "5",

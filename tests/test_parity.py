@@ -225,10 +225,9 @@ def test_scoring_matches_original_before_editing(lm, ref, requests_):
     assert max(err.values()) < PRE_LP_ATOL, err
 
 
-@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
-def test_method_matches_original(method, lm, ref, requests_, shared_data, monkeypatch,
-                                 restore):
-    hp = hparams(method, ref, shared_data)
+def parity_errors(method: str, hp, lm, ref, requests_, monkeypatch) -> dict[str, Any]:
+    """Run the harness with ``hp`` on the fixture's batches and measure its distance to the
+    original: the largest relative key and target errors and absolute log-prob errors."""
     run = ref["runs"][method]
     got = run_harness(lm, method, hp, requests_, run["batches"], monkeypatch)
     T = ref["tensors"]
@@ -247,11 +246,23 @@ def test_method_matches_original(method, lm, ref, requests_, shared_data, monkey
                     got["key"][(layer, str(cid))], T[f"{method}/key/{layer}/{cid}"]))
     z_err = max(rel(got["z"][str(cid)], T[f"{method}/z/{cid}"])
                 for cid in ref["data"]["case_ids"])
-    lp_err = logprob_errors(got["post"], run["post"])
-    report: dict[str, Any] = {"keys": key_err, "z": z_err, "logprob": lp_err}
+    return {"keys": key_err, "z": z_err, "logprob": logprob_errors(got["post"], run["post"])}
+
+
+def within_tolerance(report: dict[str, Any]) -> bool:
+    return (max(report["keys"].values()) < KEY_RTOL and report["z"] < Z_RTOL
+            and max(report["logprob"].values()) < LP_ATOL)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
+def test_method_matches_original(method, lm, ref, requests_, shared_data, monkeypatch,
+                                 restore):
+    hp = hparams(method, ref, shared_data)
+    report = parity_errors(method, hp, lm, ref, requests_, monkeypatch)
     if method == "alphaedit":  # same null-space dimension per layer as the original's SVD rule
         from methods.locate import projectors
 
+        T = ref["tensors"]
         P = projectors(lm, hp, hp.layers)
         ranks = {layer: round(float(P[layer].double().trace())) for layer in hp.layers}
         want = {layer: int(T[f"alphaedit/projector_rank/{layer}"].item()) for layer in hp.layers}
@@ -259,6 +270,30 @@ def test_method_matches_original(method, lm, ref, requests_, shared_data, monkey
     print(f"parity {method}: {report}")  # measured agreement, shown with -s
     if method == "alphaedit":
         assert report["projector_rank"][0] == report["projector_rank"][1], report
-    assert max(key_err.values()) < KEY_RTOL, report
-    assert z_err < Z_RTOL, report
-    assert max(lp_err.values()) < LP_ATOL, report
+    assert max(report["keys"].values()) < KEY_RTOL, report
+    assert report["z"] < Z_RTOL, report
+    assert max(report["logprob"].values()) < LP_ATOL, report
+
+
+#: small real changes the tolerances must not let through (method, change to its hparams)
+CHANGES = {
+    "one target step fewer": ("alphaedit", lambda hp: {"v_num_grad_steps":
+                                                        hp.v_num_grad_steps - 1}),
+    "keys averaged uniformly": ("memit", lambda hp: {"key_averaging": "uniform"}),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_small_real_change_breaks_parity(change, lm, ref, requests_, shared_data,
+                                           monkeypatch, restore):
+    """The tolerances are set from the measured spread between CPUs, not loose enough to
+    hide a change of the algorithm: one target step fewer, or MEMIT's keys averaged over
+    the prefixes uniformly instead of as the original averages them."""
+    import dataclasses
+
+    method, edit = CHANGES[change]
+    hp = hparams(method, ref, shared_data)
+    hp = dataclasses.replace(hp, **edit(hp))
+    report = parity_errors(method, hp, lm, ref, requests_, monkeypatch)
+    print(f"parity under '{change}': {report}")
+    assert not within_tolerance(report), report

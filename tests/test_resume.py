@@ -332,14 +332,24 @@ def test_failed_batch_is_recorded_and_run_goes_on(tmp_path, tiny_lm, shared_data
     recs = rec_io.read_records(run_dir / rec_io.RECORDS)
     assert [r["case_index"] for r in recs] == list(range(6))
     assert [bool(r.get("failed")) for r in recs] == [False, False, True, True, False, False]
-    for r in recs[2:4]:
-        assert r["error"] == error and "efficacy_success" not in r and r["case_id"]
-    assert all("efficacy_success" in r for r in recs[:2] + recs[4:])
+    for r in recs[2:4]:  # intention to treat: measured on the model the failure left
+        assert r["error"] == error and r["case_id"] and r["diagnostics"] == {}
+    assert all("efficacy_margin" in r for r in recs)
+    if not sequential:  # batch mode: the weights were restored, so the unedited model's
+        plain = run(_cfg(tmp_path / "noop", method="noop", n_edits=6), lm=tiny_lm, **QUIET)
+        unedited = rec_io.read_records(plain / rec_io.RECORDS)
+        assert [r["efficacy_margin"] for r in recs[2:4]] == [
+            r["efficacy_margin"] for r in unedited[2:4]]
     # the third batch starts from the weights the failed one started from
     assert torch.equal(log["entry"][2], log["entry"][1])
     assert torch.equal(tiny_lm.rewrite_weight(1), before)
     manifest = json.loads((run_dir / rec_io.MANIFEST).read_text())
     assert manifest["status"] == "complete" and manifest["summary"]["n_failed"] == 2
+    # the summary scores the failed edits' success 0 and keeps their margins
+    itt = [0.0 if r.get("failed") else r["efficacy_success"] for r in recs]
+    assert manifest["summary"]["efficacy_success"] == pytest.approx(100 * sum(itt) / 6)
+    assert manifest["summary"]["efficacy_margin"] == pytest.approx(
+        sum(r["efficacy_margin"] for r in recs) / 6)
 
 
 def test_stop_on_error(tmp_path, tiny_lm, shared_data, monkeypatch):

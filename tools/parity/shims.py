@@ -115,17 +115,23 @@ def _install_decoder_tuple() -> None:
     nh.Trace = Trace
 
 
-def install(checkout: str | Path) -> Path:
-    """Put ``checkout`` (an AlphaEdit clone) first on ``sys.path``, change into it, patch."""
+ALPHAEDIT_FILES = ("rome/compute_v.py", "memit/memit_main.py", "AlphaEdit/AlphaEdit_main.py",
+                   "util/nethook.py", "globals.yml")
+
+
+def install(checkout: str | Path, need: tuple[str, ...] = ALPHAEDIT_FILES,
+            repo: str = "github.com/jianghoucheng/AlphaEdit") -> Path:
+    """Put ``checkout`` (a clone of ``repo`` holding the files ``need``) first on
+    ``sys.path``, change into it, patch (``decoder_tuple`` only where it has MEMIT's
+    ``util/nethook.py``)."""
     root = Path(checkout).expanduser().resolve()
-    for need in ("rome/compute_v.py", "memit/memit_main.py", "AlphaEdit/AlphaEdit_main.py",
-                 "util/nethook.py", "globals.yml"):
-        if not (root / need).is_file():
-            raise SystemExit(f"--checkout {root}: {need} missing (expected a clone of "
-                             "github.com/jianghoucheng/AlphaEdit)")
+    for f in need:
+        if not (root / f).is_file():
+            raise SystemExit(f"--checkout {root}: {f} missing (expected a clone of {repo})")
     os.chdir(root)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     _install_cpu()
-    _install_decoder_tuple()
+    if (root / "util" / "nethook.py").is_file():
+        _install_decoder_tuple()
     return root

@@ -1,129 +1,23 @@
-"""reports.stats against scipy's own results and hand-computed cases."""
+"""reports.inference: the randomisation tests, intervals, Holm and power helpers against
+hand-computed cases and scipy."""
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from reports import stats
-
-RNG = np.random.default_rng(12345)
-X = RNG.normal(size=30)
-Y = X + RNG.normal(0.4, 1.0, size=30)
-
-
-def test_bootstrap_mean_matches_scipy_bootstrap():
-    ours = stats.bootstrap_mean_ci(X, n_resamples=999, seed=3)
-    ref = sps.bootstrap((X,), np.mean, n_resamples=999, rng=np.random.default_rng(3))
-    assert ours.value == pytest.approx(X.mean())
-    assert ours.method == "BCa"
-    assert ours.lo == pytest.approx(ref.confidence_interval.low, rel=1e-9)
-    assert ours.hi == pytest.approx(ref.confidence_interval.high, rel=1e-9)
-
-
-def test_bootstrap_is_seeded_and_ignores_nan():
-    a = stats.bootstrap_mean_ci(np.r_[X, np.nan], seed=7, n_resamples=500)
-    b = stats.bootstrap_mean_ci(X, seed=7, n_resamples=500)
-    assert (a.lo, a.hi, a.n) == (b.lo, b.hi, 30)
-
-
-def test_cluster_bootstrap_resamples_whole_groups():
-    # 6 groups whose members are identical: the cluster CI must equal the CI of the 6
-    # group means, and be wider than the (wrong) row bootstrap that treats 60 rows as free
-    means = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 8.0])
-    values = np.repeat(means, 10)
-    groups = np.repeat([f"g{i}" for i in range(6)], 10)
-    clustered = stats.bootstrap_mean_ci(values, groups, n_resamples=999, seed=0,
-                                        method="percentile")
-    ref = sps.bootstrap((means,), np.mean, n_resamples=999, method="percentile",
-                        rng=np.random.default_rng(0))
-    assert clustered.n_groups == 6 and clustered.n == 60
-    assert clustered.lo == pytest.approx(ref.confidence_interval.low)
-    assert clustered.hi == pytest.approx(ref.confidence_interval.high)
-    rows = stats.bootstrap_mean_ci(values, n_resamples=999, seed=0, method="percentile")
-    assert clustered.hi - clustered.lo > 2 * (rows.hi - rows.lo)
-
-
-def test_cluster_bootstrap_of_unequal_groups_weights_by_size():
-    values = np.array([1.0, 1.0, 1.0, 0.0])
-    ci = stats.bootstrap_mean_ci(values, ["a", "a", "a", "b"], n_resamples=200, seed=0)
-    assert ci.value == pytest.approx(0.75)  # the mean over rows, not over group means
-
-
-def test_degenerate_sample_gives_a_point_interval():
-    ci = stats.bootstrap_mean_ci([1.0, 1.0, 1.0])
-    assert (ci.value, ci.lo, ci.hi, ci.method) == (1.0, 1.0, 1.0, "degenerate")
-    assert np.isnan(stats.bootstrap_mean_ci([]).value)
-
-
-def test_wilcoxon_matches_scipy():
-    res = stats.wilcoxon_paired(Y, X, n_resamples=200)
-    ref = sps.wilcoxon(Y, X)
-    assert res.test == "wilcoxon" and res.n == 30
-    assert res.statistic == ref.statistic
-    assert res.p == pytest.approx(ref.pvalue)
-    assert res.mean_diff == pytest.approx((Y - X).mean())
-    assert res.effect == pytest.approx(stats.hodges_lehmann(Y - X))
-    assert res.effect_lo < res.effect < res.effect_hi
-
-
-def test_rank_biserial_by_hand():
-    # |d| ranks 1,2,3,4; R+ = 1 + 3 + 4 = 8, R- = 2 -> (8 - 2) / 10
-    assert stats.rank_biserial([1.0, -2.0, 3.0, 4.0]) == pytest.approx(0.6)
-    assert stats.rank_biserial([0.0, 1.0, 2.0]) == pytest.approx(1.0)  # zeros dropped
-    # Kerby's r equals (W+ - W-) / total rank sum as scipy computes W+ with alternative
-    d = Y - X
-    w_plus = sps.wilcoxon(d, alternative="greater").statistic
-    total = len(d) * (len(d) + 1) / 2
-    assert stats.rank_biserial(d) == pytest.approx((2 * w_plus - total) / total)
-
-
-def test_hodges_lehmann_by_hand():
-    # Walsh averages of (1, 2, 9): 1, 1.5, 5, 2, 5.5, 9 -> median (2 + 5) / 2
-    assert sorted(stats.walsh_averages([1, 2, 9])) == [1, 1.5, 2, 5, 5.5, 9]
-    assert stats.hodges_lehmann([1, 2, 9]) == 3.5
-    assert stats.hodges_lehmann([3.0]) == 3.0
-
-
-def test_hodges_lehmann_exact_interval():
-    d = Y - X
-    ci = stats.hodges_lehmann_ci(d, method="exact")
-    boot = stats.hodges_lehmann_ci(d, method="bootstrap", n_resamples=500)
-    assert ci.method == "exact" and ci.lo < ci.value < ci.hi
-    assert ci.value == boot.value
-    assert abs(ci.lo - boot.lo) < 0.3 and abs(ci.hi - boot.hi) < 0.3
-    with pytest.raises(ValueError):
-        stats.hodges_lehmann_ci(d, method="nope")
-
-
-def test_mcnemar_on_a_hand_made_table():
-    # 2x2: both 1: 5, x only: 8 (b), y only: 2 (c), neither: 5
-    x = np.array([1] * 5 + [1] * 8 + [0] * 2 + [0] * 5, dtype=float)
-    y = np.array([1] * 5 + [0] * 8 + [1] * 2 + [0] * 5, dtype=float)
-    res = stats.mcnemar_exact(x, y, n_resamples=200)
-    # exact two-sided: 2 P(B >= 8), B ~ Bin(10, 1/2) = 2 (45 + 10 + 1) / 1024
-    assert (res.b, res.c, res.n) == (8, 2, 20)
-    assert res.p == pytest.approx(112 / 1024)
-    assert res.effect == pytest.approx((8 - 2) / 20)
-    assert res.effect_size == pytest.approx(0.6)
-    assert stats.paired_test(x, y).test == "mcnemar"
-    assert stats.mcnemar_exact([1, 0], [1, 0]).p == 1.0  # no discordant pair
-    with pytest.raises(ValueError):
-        stats.mcnemar_exact([0.5, 1.0], [1.0, 0.0])
+from reports import inference as inf
 
 
 def test_holm_rejects_exactly_the_expected_hypotheses():
     p = [0.01, 0.04, 0.03, 0.005]
     # sorted: .005*4 = .02, .01*3 = .03, .03*2 = .06, .04*1 = .04 -> max(.06, .04) = .06
-    assert np.allclose(stats.holm(p), [0.03, 0.06, 0.06, 0.02])
-    assert list(stats.holm_reject(p, 0.05)) == [True, False, False, True]
+    assert np.allclose(inf.holm(p), [0.03, 0.06, 0.06, 0.02])
     # NaN does not count in m and stays NaN
-    adj = stats.holm([0.01, np.nan, 0.02])
+    adj = inf.holm([0.01, np.nan, 0.02])
     assert np.isnan(adj[1]) and np.allclose(adj[[0, 2]], [0.02, 0.02])
-    assert np.all(stats.holm([0.5, 0.9]) <= 1.0)
+    assert np.all(inf.holm([0.5, 0.9]) <= 1.0)
 
 
 def test_holm_agrees_with_the_step_down_definition():
@@ -136,46 +30,29 @@ def test_holm_agrees_with_the_step_down_definition():
             if p[j] > 0.05 / (6 - i):
                 break
             expected[j] = True
-        assert list(stats.holm_reject(p, 0.05)) == list(expected)
+        assert list(inf.holm(p) <= 0.05) == list(expected)
 
 
-def test_auc_against_pairwise_counting_and_scipy():
-    pos = np.array([0.9, 0.8, 0.4, 0.4, 0.7])
-    neg = np.array([0.1, 0.4, 0.5, 0.2])
-    brute = np.mean([1.0 if a > b else 0.5 if a == b else 0.0
-                     for a, b in itertools.product(pos, neg)])
-    res = stats.auc_test(pos, neg, n_resamples=500)
-    assert res.auc == pytest.approx(brute) == stats.auc(pos, neg)
-    assert res.p == pytest.approx(sps.mannwhitneyu(pos, neg).pvalue)
-    assert res.lo <= res.auc <= res.hi
-    assert np.isnan(stats.auc_test([], neg).auc)
+def test_cluster_bootstrap_resamples_whole_clusters():
+    # 12 clusters whose members are identical: the interval is that of the 12 cluster means
+    # (a percentile bootstrap of them), far wider than a bootstrap of 120 free rows
+    means = np.arange(12.0)
+    values = np.repeat(means, 10)
+    clusters = np.repeat(np.arange(12), 10)
+    ci = inf.cluster_bootstrap_ci(values, lambda m: m[0], clusters, n_draws=4000, seed=0)
+    rng = np.random.default_rng(0)
+    ref = np.quantile(rng.choice(means, size=(4000, 12)).mean(axis=1), [0.025, 0.975])
+    assert ci.n_clusters == 12 and ci.value == pytest.approx(5.5)
+    assert ci.lo == pytest.approx(ref[0], abs=0.3) and ci.hi == pytest.approx(ref[1], abs=0.3)
+    rows = inf.cluster_bootstrap_ci(values, lambda m: m[0], np.arange(120), n_draws=4000)
+    assert ci.hi - ci.lo > 2.5 * (rows.hi - rows.lo)
 
 
-def test_spearman_matches_scipy():
-    res = stats.spearman(X, Y, alternative="greater", n_resamples=500)
-    ref = sps.spearmanr(X, Y, alternative="greater")
-    assert res.rho == pytest.approx(ref.statistic)
-    assert res.p == pytest.approx(ref.pvalue)
-    assert res.lo < res.rho < res.hi
-    assert np.isnan(stats.spearman([1, 1, 1], [1, 2, 3]).rho)
-
-
-def test_noninferiority():
-    base = RNG.normal(50, 5, size=40)
-    close = base + RNG.normal(-0.2, 0.5, size=40)  # 0.2 points worse: non-inferior at 1
-    res = stats.noninferiority(close, base, margin=1.0, n_resamples=500)
-    ref = sps.ttest_1samp(close - base, -1.0, alternative="greater")
-    assert res.p == pytest.approx(ref.pvalue) and res.p < 0.05
-    assert res.noninferior and res.lower > -1.0
-    worse = base - 3.0 + RNG.normal(0, 0.5, size=40)
-    bad = stats.noninferiority(worse, base, margin=1.0, n_resamples=500)
-    assert not bad.noninferior and bad.p > 0.5
-    same = stats.noninferiority(base, base, margin=1.0)  # zero variance
-    assert same.p == 0.0 and same.noninferior
-
-
-# ---------------------------------------------------------------- reports.inference
-from reports import inference as inf  # noqa: E402
+def test_cluster_bootstrap_needs_ten_clusters_and_weights_rows():
+    ci = inf.cluster_bootstrap_ci(np.array([1.0, 1.0, 1.0, 0.0]), lambda m: m[0],
+                                  ["a", "a", "a", "b"])
+    assert ci.value == pytest.approx(0.75) and np.isnan(ci.lo)  # rows, not cluster means
+    assert "needs 10" in ci.method
 
 
 def test_sign_flip_exact_p_by_enumeration():
@@ -231,7 +108,19 @@ def test_stratified_auc_keeps_between_stratum_association_in_the_null():
     scores = (effect + rng.normal(0, 0.3, 100))[None, :]
     positive = ((effect + rng.normal(0, 0.3, 100)) > 0)[None, :]
     res = inf.stratified_auc_test(scores, positive, strata, n_draws=499, seed=0)
-    assert res.statistic > 0.7 and res.p > 0.05  # a pooled AUC, but no within-batch signal
+    # the statistic uses pairs within a stratum only, like its null: no signal, no support
+    assert abs(res.statistic - 0.5) < 0.15 and res.p > 0.05
+    pooled = inf.stratified_auc_test(scores, positive, np.zeros(100), n_draws=499, seed=0)
+    assert pooled.statistic > 0.8  # what a pooled AUC would have printed
+
+
+def test_stratified_auc_by_hand():
+    # one run, two strata: (pos 0.9, neg 0.1) and (pos 0.2, neg 0.5, neg 0.3); the 0.2 vs
+    # 0.1 pair crosses strata and does not count: U = 1 + 0 = 1 of 1 + 2 pairs
+    scores = np.array([[0.9, 0.1, 0.2, 0.5, 0.3]])
+    positive = np.array([[1, 0, 1, 0, 0]])
+    res = inf.stratified_auc_test(scores, positive, ["a", "a", "b", "b", "b"], n_draws=99)
+    assert res.statistic == pytest.approx(1 / 3)
 
 
 def test_matched_pairs_pair_neighbours_within_strata():
@@ -239,9 +128,10 @@ def test_matched_pairs_pair_neighbours_within_strata():
     match = [1.0, 3.0, 2.0, 4.0, 0.0, 1.0]
     x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     y = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
-    signs, prods = inf.matched_pair_products(strata, match, x, y)
+    signs, prods, where = inf.matched_pair_products(strata, match, x, y)
     # pairs: (case 0, case 2), (case 1, case 3), (case 4, case 5): x and y always discordant
     assert list(signs) == [-1.0, -1.0, -1.0] and np.all(prods < 0)
+    assert list(where) == [0, 0, 1]
 
 
 def test_seed_batch_t_without_seed_variation_is_the_t_test_of_unit_means():
@@ -311,3 +201,32 @@ def test_intervals_are_cut_to_a_rates_range_only():
     assert clip_to_range("gen_efficacy_f1", 5.0, 104.0) == (5.0, 100.0)
     assert clip_to_range("neighborhood_plus_magnitude", -25.0, -12.0) == (-25.0, -12.0)
     assert clip_to_range("ngram_entropy", 590.0, 612.0) == (590.0, 612.0)
+
+
+def test_holm_matches_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    rng = np.random.default_rng(3)
+    for m in (1, 2, 5, 9):
+        p = rng.uniform(0, 0.2, m) ** 2
+        assert np.allclose(inf.holm(p), multipletests(p, method="holm")[1])
+
+
+def test_tango_exact_p_by_enumeration_on_a_small_case():
+    """n = 4 pairs, b = 3 (candidate better), c = 0: the exact unconditional p is the
+    largest over the nuisance q of the trinomial probability of the outcomes whose Z is at
+    least the observed one, enumerated here by hand from the same Z."""
+    from itertools import product
+    from math import comb
+
+    x, y, n, d0 = np.array([1, 1, 1, 0]), np.array([0, 0, 0, 0]), 4, -0.1
+    res = inf.paired_binary_margin_test(x, y, d0, "greater")
+    z_obs = float(inf.tango_z(3, 0, n, d0))
+    best = 0.0
+    for q in np.linspace(max(0.0, -d0), (1 - d0) / 2, inf.TANGO_GRID):
+        p10, p01 = q + d0, q
+        tot = sum(comb(n, b) * comb(n - b, c) * p10**b * p01**c * (1 - p10 - p01) ** (n - b - c)
+                  for b, c in product(range(n + 1), repeat=2)
+                  if b + c <= n and inf.tango_z(b, c, n, d0) >= z_obs - 1e-9)
+        best = max(best, tot)
+    assert res.p == pytest.approx(best, rel=1e-9)

@@ -79,13 +79,16 @@ def overrides_for(method: str) -> dict[str, Any]:
     return {k: v for k, v in OVERRIDES.items() if k in fields}
 
 
-def config_for(method: str, suite: str, out_dir: str) -> RunConfig:
+def config_for(method: str, suite: str, out_dir: str,
+               extra: Mapping[str, Any] | None = None) -> RunConfig:
     """The golden run of ``method`` on ``suite``: one sequential pass in batches of
     :data:`BATCH_SIZE` over the first :data:`N_CASES` cases, seed 0, faithful preset. The
-    generation-based evaluation is off: the golden numbers are teacher-forced."""
+    generation-based evaluation is off: the golden numbers are teacher-forced. ``extra``:
+    further hparams overrides (a deliberate change, to show that the golden test sees it)."""
     return RunConfig(model=MODEL, method=method, suite=suite, n_edits=N_CASES,
                      batch_size=BATCH_SIZE, sequential=True, seed=0, device="cpu",
-                     dtype="float32", out_dir=out_dir, hparams_overrides=overrides_for(method),
+                     dtype="float32", out_dir=out_dir,
+                     hparams_overrides={**overrides_for(method), **(extra or {})},
                      answer_tokens=0)
 
 
@@ -113,13 +116,14 @@ def case_numbers(record: Mapping[str, Any]) -> dict[str, float | None]:
     return {k: (None if v is None else float(v)) for k, v in out.items()}
 
 
-def run_one(lm: Any, method: str, suite: str) -> dict[str, dict[str, float | None]]:
+def run_one(lm: Any, method: str, suite: str, extra: Mapping[str, Any] | None = None
+            ) -> dict[str, dict[str, float | None]]:
     """Run one golden cell on the loaded model (its weights are restored afterwards) and return
-    case id -> numbers."""
+    case id -> numbers (``extra``: see :func:`config_for`)."""
     from harness.runner import run
 
     with tempfile.TemporaryDirectory(prefix="keh-golden-") as tmp:
-        run_dir = run(config_for(method, suite, tmp), log=lambda _msg: None, lm=lm)
+        run_dir = run(config_for(method, suite, tmp, extra), log=lambda _msg: None, lm=lm)
         lines = (run_dir / "records.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines if x.strip()]
     return {str(r["case_id"]): case_numbers(r) for r in records}

@@ -1,4 +1,4 @@
-"""Golden runs (issue 15): every registered method still computes, case by case, the numbers
+"""Golden runs: every registered method still computes, case by case, the numbers
 recorded in ``tests/fixtures/golden/golden.json`` by ``nox -s golden`` (harness/golden.py).
 
 A failure lists every method / suite / case / number that moved beyond the tolerance. If the
@@ -58,3 +58,26 @@ def test_differences_name_method_suite_case_and_number():
     assert golden.differences({"0": {"efficacy_margin": 1.0}}, near, "rome", "zsre") != []
     far = {"0": {"efficacy_margin": 1.05}}
     assert golden.differences({"0": {"efficacy_margin": 1.0}}, far, "r-rome", "zsre") != []
+
+
+#: small real changes the golden tolerances must not let through (method, extra overrides)
+CHANGES = {
+    # the golden settings set v_steps, which takes precedence over v_num_grad_steps
+    "one target step fewer": ("alphaedit", {"v_steps": golden.TARGET_STEPS - 1}),
+    "covariance weight 10% lower": ("memit", {"mom2_update_weight": 13500.0}),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_small_real_change_moves_golden_numbers(change, recorded, smollm2, shared_data,
+                                                  monkeypatch):
+    """The tolerances face real changes: one target step fewer (AlphaEdit) or MEMIT's
+    covariance weight lambda 10% lower (13,500 for 15,000) move numbers beyond them, on
+    CounterFact. (Keys averaged uniformly, the parity test's second change, moved no golden
+    number beyond 2e-3 when tried: the golden runs' short context templates.)"""
+    monkeypatch.setenv("KEH_DATA_DIR", str(shared_data))
+    method, extra = CHANGES[change]
+    got = golden.run_one(smollm2, method, "counterfact", extra)
+    moved = golden.differences(recorded["cells"][method]["counterfact"], got, method,
+                               "counterfact")
+    assert len(moved) >= golden.N_CASES // 2, moved

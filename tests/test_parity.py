@@ -1,4 +1,4 @@
-"""Parity of the harness's faithful preset with the ORIGINAL ROME/MEMIT/AlphaEdit code (issue 13).
+"""Parity of the harness's faithful preset with the ORIGINAL ROME/MEMIT/AlphaEdit code.
 
 The reference numbers in ``tests/fixtures/parity/`` were produced by the published code (the
 AlphaEdit repository's ``rome/``, ``memit/``, ``AlphaEdit/``) through
@@ -9,9 +9,10 @@ statistics on the same WikiText-2 lines, injected into the original). Everything
 ``faithful`` preset's defaults for SmolLM2.
 
 Per case, on the first 10 CounterFact cases (ROME one edit at a time, MEMIT and AlphaEdit in
-sequential batches, as the fixture's ``batches`` say): keys per edited layer to 1e-4 relative,
-the target z to 1e-3 relative, post-edit mean per-token log-probabilities to 1e-2 absolute;
-and C0 against the original's own ``layer_stats`` on the same records.
+sequential batches, as the fixture's ``batches`` say): keys per edited layer, the target z and
+the post-edit mean per-token log-probabilities to 10 x the spread measured between CPUs (the
+constants below); and C0 against the original's own ``layer_stats`` on the same records. Two
+small real changes (one target step fewer; MEMIT's keys averaged uniformly) must fail.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ import torch
 from tests.conftest import ROOT
 
 FIXTURE = Path(os.environ.get("KEH_PARITY_FIXTURE", ROOT / "tests" / "fixtures" / "parity"))
-KEY_RTOL = 1e-4  # relative 2-norm error of every key vector
-Z_RTOL = 1e-3  # relative 2-norm error of every target vector
-LP_ATOL = 1e-2  # absolute error of every mean per-token log-probability
-PRE_LP_ATOL = 1e-4  # unedited model: scoring alone
-C0_RTOL = 1e-4  # relative error of trace, Frobenius norm, 8x8 block and sketch of C0
+#: Tolerances: 10 x the largest error measured on either CPU the fixture has met (AVX2, the
+#: fixture's README; AVX-512, AMD EPYC, 2026-12-07, ``pytest -s tests/test_parity.py``), rounded
+#: up: keys 1.07e-5 (AlphaEdit, layer 8, AVX-512), z 1.35e-5 (ROME, AVX-512), post-edit log p
+#: 5.55e-5 (ROME, AVX-512), pre-edit log p 1.88e-5 (AVX-512), C0 3.6e-7 (AVX2).
+KEY_RTOL = 1.1e-4  # relative 2-norm error of every key vector
+Z_RTOL = 1.4e-4  # relative 2-norm error of every target vector
+LP_ATOL = 5.6e-4  # absolute error of every mean per-token log-probability
+PRE_LP_ATOL = 1.9e-4  # unedited model: scoring alone
+C0_RTOL = 3.6e-6  # relative error of trace, Frobenius norm, 8x8 block and sketch of C0
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +192,7 @@ def logprob_errors(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> dic
 
 def test_c0_matches_original_layer_stats(lm, ref, shared_data):
     """The harness's records-mode C0 on the same WikiText-2 records equals the original's
-    ``layer_stats`` (float32 sums in another order: 1e-4 relative), and is the C0 that was
+    ``layer_stats`` (float32 sums in another order: within ``C0_RTOL``), and is the C0 that was
     injected into the original when the fixture was made."""
     from methods import get_method
     from methods.base import load_hparams

@@ -88,6 +88,17 @@ def _set_aside(run_dir: Path) -> Path:
 DEFAULT_GRID, GPU_GRID = "default", "smollm2-100"
 
 
+def _positive(text: str) -> int:
+    """An integer of at least 1 (``--jobs``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m harness.benchmark",
                                  description="Run a grid of runs (complete ones are skipped, "
@@ -101,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--report-dir", default=None, help="override the grid's report_dir")
     ap.add_argument("--no-report", action="store_true", help="only run the grid")
     ap.add_argument("--device", default=None, help="override the grid's device")
-    ap.add_argument("--jobs", type=int, default=1,
+    ap.add_argument("--jobs", type=_positive, default=1,
                     help="run the grid in this many processes at once (timings then share the "
                          "device; the manifests say so)")
     ap.add_argument("--methods", default=None,
@@ -144,7 +155,7 @@ def choose_grid(name: str | None) -> tuple[str, str | None]:
 
     if torch.cuda.is_available():
         return GPU_GRID, (f"grid: {GPU_GRID} (no --grid given and a GPU is present: the "
-                          f"100-case comparison of every method at 3 seeds)")
+                          f"100-case comparison of every method, 3 seeds for the paired arms)")
     return DEFAULT_GRID, (f"grid: {DEFAULT_GRID} (no --grid given and no GPU; with a GPU the "
                           f"default is {GPU_GRID})")
 

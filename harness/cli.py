@@ -114,7 +114,7 @@ def _add_run(sub: Any) -> None:
     r.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                    metavar="KEY=VALUE",
                    help="override one hyperparameter (repeatable; recorded as "
-                        "hparams_overrides)")
+                        "hparams_overrides; default: none)")
     r.add_argument("--preset", choices=("faithful", "tuned"), default=d.preset,
                    help="hparams preset when --hparams is not given: faithful (the published "
                         "code's behaviour) or tuned (<model>-tuned.yaml)")
@@ -202,7 +202,7 @@ def _add_compare(sub: Any) -> None:
                          "comma-separated; default 0.02 for rates, 0.25 for efficacy_margin)")
     cp.add_argument("--lower-is-better", default="", metavar="M,...",
                     help="metrics where lower is better (diag_z_error and kernel energy are "
-                         "known)")
+                         "known; default: none)")
     cp.add_argument("--alpha", type=float, default=0.05,
                     help="level of each one-sided test, Holm across metrics")
     cp.add_argument("--allow-underpowered", action="store_true",

@@ -20,7 +20,7 @@ def run_seconds(manifest: Mapping[str, Any]) -> float:
     return float(sum(t.get(k) or 0.0 for k in PHASES))
 
 
-def summary(run_dirs: Iterable[Path], n_resamples: int = 1000) -> str:
+def summary(run_dirs: Iterable[Path], n_resamples: int = 2000) -> str:
     """Markdown tables, one per (suite, model), of the complete runs in ``run_dirs``."""
     from reports import tables
     from reports.load import load_runs

@@ -75,7 +75,10 @@ def list_data(directory: str | None = None, suites: list[str] | None = None,
         print(f"\n{suite}{note}", file=out)
         for r in (r for r in rows if r["suite"] == suite):
             n = "–" if r["records"] is None else f"{r['records']:,}"
-            print(f"  {r['path']}: {r['status']}", file=out)
+            state = r["status"]
+            if reads and state.startswith("missing") and r["path"] in defaults[suite]:
+                state = f"not needed (a run reads {reads}; keh data fetch --all gets it)"
+            print(f"  {r['path']}: {state}", file=out)
             print(f"      {r['what']}; {r['format']}; records {n}; sha256 "
                   f"{r['sha256'] or '–'}", file=out)
             bad += r["status"].startswith("SHA-256 MISMATCH")

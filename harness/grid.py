@@ -98,9 +98,10 @@ def grid_path(name_or_path: str) -> Path:
     """A YAML path, or the shipped grid of that name; one line naming the known ones if
     neither exists."""
     path = Path(name_or_path)
-    if not path.exists():
+    is_path = "/" in name_or_path or name_or_path.endswith((".yaml", ".yml"))
+    if not (is_path and path.is_file()):
         path = GRIDS / f"{name_or_path}.yaml"
-    if not path.exists():
+    if not path.is_file():
         known = ", ".join(sorted(p.stem for p in GRIDS.glob("*.yaml")))
         raise UserError(f"no grid {name_or_path!r} (known: {known}; or give a YAML path)")
     return path
@@ -176,4 +177,7 @@ def _check_part(part: Any, where: str) -> dict[str, Any]:
             kind = hints[key]
             shown = (str(kind) if get_origin(kind) else kind.__name__).replace("typing.", "")
             raise UserError(f"{where}: {written[key]}: expected {shown}, got {value!r}")
+    empty = [axis for axis in AXES.values() if axis in part and not part[axis]]
+    if empty:
+        raise UserError(f"{where}: {', '.join(empty)} empty: name at least one")
     return part

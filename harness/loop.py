@@ -315,7 +315,7 @@ def _failed_record(p: Prepared, entry: dict[str, Any],
     """The record of a case whose batch failed: its outcomes measured on the model the
     failure left (batch mode: the unedited weights; sequential: the final model), the error,
     no diagnostics. The report scores its edit rates 0 (intention to treat,
-    :func:`suites.metrics.intention_to_treat`)."""
+    :func:`suites.itt.intention_to_treat`)."""
     rec = _case_record(p.cfg, entry["index"], entry["batch"], metrics, {})
     rec.update({"case_id": p.requests[entry["index"]].case_id, "failed": True,
                 "error": entry["error"]})

@@ -449,7 +449,7 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
                                n_positions=256)),
     "gpt-j-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
                               vocab_size=50400, n_positions=2048)),
-    # the models people edit now (issue 32), from their published config.json
+    # the models people edit now, from their published config.json
     "llama3.1-8b-instruct": ("llama", dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
@@ -648,7 +648,7 @@ PUBLISHED_MODELS: dict[str, str] = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "gpt-j-6b": "EleutherAI/gpt-j-6b",
     "llama3-8b": "meta-llama/Meta-Llama-3-8B-Instruct",
-    # the models people edit now (issue 32)
+    # the models people edit now
     "llama3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
     "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct",
     "qwen3-8b": "Qwen/Qwen3-8B",

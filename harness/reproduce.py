@@ -24,6 +24,15 @@ ORIGINAL = {"alphaedit": (77, 63, 64), "memit": (49, 42, 65), "rome": (72, 65, 5
 N_CASES = 100
 COLUMNS = (("ES", "efficacy_success"), ("PS", "paraphrase_success"),
            ("NS", "neighborhood_success"))
+#: the design of the original's numbers: a run of another design gets no verdict
+DESIGN = {"model": "smollm2-135m", "suite": "counterfact", "n_edits": N_CASES, "start": 0,
+          "batch_size": 10, "sequential": True, "seed": 0, "preset": "faithful"}
+
+
+def design_differences(config: dict) -> list[str]:
+    """How a run's config differs from :data:`DESIGN` (``key value, not expected``)."""
+    return [f"{k} {config.get(k)!r}, not {v!r}" for k, v in DESIGN.items()
+            if config.get(k) != v]
 
 
 def wilson(percent: float, n: int = N_CASES) -> tuple[float, float]:
@@ -37,13 +46,20 @@ def verdict_lines(run_dirs: Iterable[Path]) -> list[str]:
     interval, and whether each is inside."""
     lines = ["Reproduction: keh --preset faithful against the original code on CounterFact "
              "cases 0-99 (SmolLM2-135M, sequential batches of 10, seed 0); inside = within "
-             "the 95% Wilson interval of the original's number.", "",
+             "the 95% Wilson interval of the original's number (a band for the sampling error "
+             "of 100 cases, not a paired test).", "",
              "| method | " + " | ".join(f"{k}: keh / original [interval]" for k, _ in COLUMNS)
              + " | verdict |", "|---|---|---|---|---|"]
     for d in run_dirs:
         m = json.loads((Path(d) / rec_io.MANIFEST).read_text(encoding="utf-8"))
         method = m["config"]["method"]
         if method not in ORIGINAL:
+            continue
+        other = design_differences(m["config"])
+        if other:
+            lines.append(f"| {method} | " + " | ".join("\u2013" for _ in COLUMNS)
+                         + f" | no verdict: not the reproduction's design ({'; '.join(other)})"
+                           " |")
             continue
         cells, inside = [], 0
         for (_, col), orig in zip(COLUMNS, ORIGINAL[method], strict=True):

@@ -237,7 +237,7 @@ def _execute(p: Prepared, lm: LoadedModel, manifest: dict[str, Any], timings: di
                                                 / loop_timings["downstream_s"])
     all_records = rec_io.read_records(p.run_dir / rec_io.RECORDS)
     # intention to treat: failed edits are failures in the edit's rates and keep their
-    # measured outcomes elsewhere (the report's rule, suites.metrics.intention_to_treat)
+    # measured outcomes elsewhere (the report's rule, suites.itt.intention_to_treat)
     summary = p.suite.summarize(intention_to_treat(all_records)) if all_records else {}
     summary["n_failed"] = sum(bool(r.get("failed")) for r in all_records)
     if wants_curve(cfg):

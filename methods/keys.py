@@ -7,7 +7,7 @@
   template is its prefix string (``""`` for the plain prompt): the original code's template
   ``"X. {}"`` is the prefix ``"X. "``. :func:`original_context_templates` generates them as the
   published code does, :func:`parse_template_texts` takes given ones, :func:`context_templates`
-  is the pre-issue-13 harness's variant (kept for the ``tuned`` preset).
+  is the tuned preset's variant (kept for the ``tuned`` preset).
 * Key averaging over templates (:func:`average_keys`): ``original`` = MEMIT/AlphaEdit's
   ``compute_ks`` (half the plain prompt's key, half the mean of the prefixed ones),
   ``uniform`` = the mean over all templates (ROME's ``compute_u``).

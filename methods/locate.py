@@ -47,7 +47,7 @@ class LocateHparams(TargetHparams):
     Context templates (:mod:`methods.keys`), first match wins:
     ``context_template_texts``: exactly these templates, in the original code's form
     (``["{}", "X. {}", ...]``); ``n_context`` (with ``context_length``, default 10): the
-    pre-issue-13 harness's prefixes (``n_context`` of ``context_length`` new tokens, one per
+    earlier loop's prefixes (``n_context`` of ``context_length`` new tokens, one per
     starter in turn, whitespace collapsed; ``tuned`` preset); else ``context_templates``:
     the published schedule of ``[length, n]`` pairs (``length`` tokens in total, ``n // 5``
     per starter word). ``key_averaging``: ``original`` (MEMIT ``compute_ks``: half the plain

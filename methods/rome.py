@@ -11,7 +11,7 @@ the published code's behaviour available exactly:
 
 * ``denominator_key``: ``plain`` (published ``compute_v``: k_d is the plain rewrite prompt's
   key, so the write is exact there: W' k_plain = v) | ``averaged`` (k_d = k_avg, exact at the
-  averaged key; r-ROME's fix and the pre-issue-13 harness).
+  averaged key; r-ROME's fix and the tuned preset).
 * ``value_site``: ``mlp`` (published: v is optimised at, and clamped relative to, the MLP
   output) | ``residual`` (the decoder layer's output).
 * ``mom2_adjustment``: whiten u by C0^-1 (published GPT-2 XL / GPT-J files) or not (the
@@ -72,7 +72,7 @@ class Hparams(LocateHparams):
 
 def solver_for(lm: Any, hp: LocateHparams) -> Solver:
     """ROME's solver. ``hp`` may be another method's hparams (MetaKE's ROME control): the
-    ROME switches then take the pre-issue-13 harness values (C0-whitened, averaged key)."""
+    ROME switches then take the tuned preset's values (C0-whitened, averaged key)."""
     mom2 = getattr(hp, "mom2_adjustment", True)
     den = getattr(hp, "denominator_key", "averaged")
     C0 = layer_statistics(lm, hp, hp.layers)[0] if mom2 else None

@@ -16,7 +16,7 @@ makes the model produce o_i:
 * the loop (``v_num_grad_steps = n``, the published code's): n iterations, each evaluates
   the loss and stops the request once it is below ``stop_loss`` (5e-2); all but the last
   iteration then take an Adam step, so at most n - 1 updates. ``v_steps = m`` (the
-  pre-issue-13 harness loop, ``tuned`` preset) instead takes exactly m updates (m iterations,
+  ``tuned`` preset's loop) instead takes exactly m updates (m iterations,
   each stepping) and replaces ``v_num_grad_steps``.
 
 Where the value sits (``value_site``, :func:`methods.keys.value_module`): ``residual`` adds
@@ -56,7 +56,7 @@ from methods.keys import subject_site, value_module
 class TargetHparams:
     """Hyperparameters of the target step (names as in the published hparams files).
     ``v_num_grad_steps``: the published loop (at most n - 1 Adam updates); ``v_steps``: when
-    set, the pre-issue-13 harness loop of exactly that many updates instead (module notes).
+    set, the tuned preset's loop of exactly that many updates instead (module notes).
     ``value_site``: ``residual`` | ``mlp``, where delta is added (module notes).
     ``prefix_cache`` and ``skip_lower_layers`` only change speed (see the module notes)."""
 

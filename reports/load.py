@@ -11,7 +11,7 @@ error``, every scalar metric of the records (``efficacy_success``, ``efficacy_ma
 every per-edit diagnostic flattened as ``diag_<name>``. Raw log-probabilities are not loaded.
 
 Failed edits (``failed: true``) are scored by intention to treat: 0 in the edit's own success
-rates (:data:`suites.metrics.EDIT_SUCCESS_RATES`), and every other outcome (margin, magnitudes,
+rates (:data:`suites.itt.EDIT_SUCCESS_RATES`), and every other outcome (margin, magnitudes,
 locality, fluency) is the value keh measured on the model the failure left (batch mode: the
 unedited model; sequential: the final model), so no mean or paired test drops them. Runs from
 before keh measured failed cases have no such values; :mod:`reports.paired` counts those cases
@@ -320,9 +320,9 @@ def combine(frames: Sequence[pd.DataFrame], manifests: dict[str, dict[str, Any]]
 
 def intention_to_treat(frame: pd.DataFrame) -> pd.DataFrame:
     """Failed edits score 0 in the edit's success rates
-    (:data:`suites.metrics.EDIT_SUCCESS_RATES`, those the frame has); their other outcomes
+    (:data:`suites.itt.EDIT_SUCCESS_RATES`, those the frame has); their other outcomes
     are the values measured on the model the failure left (the records carry them), the rule
-    of :func:`suites.metrics.intention_to_treat`."""
+    of :func:`suites.itt.intention_to_treat`."""
     failed = frame["failed"].astype(bool).to_numpy()
     if failed.any():
         frame = frame.copy()

@@ -6,7 +6,7 @@ table's bold, ``keh compare`` and ``nox -s regress``, the benchmark's console ta
 this module; none re-implements a step of it.
 
 Outcomes come in by intention to treat (:func:`reports.load.combine`, rule in
-:func:`suites.metrics.intention_to_treat`): a failed edit scores 0 in the edit's own success
+:func:`suites.itt.intention_to_treat`): a failed edit scores 0 in the edit's own success
 rates, and every other outcome is the value measured on the model the failure left (the
 unedited model in batch mode, the final model in sequential mode). Runs written before keh
 measured failed cases have no such value: :class:`Paired` counts those cases
@@ -102,7 +102,8 @@ def unit_words(units: Sequence[Any], sequential: bool, n_seeds: int = 1) -> str:
     seeds = ("" if n_seeds < 2 else
              f"; {n_seeds} seeds averaged per case, seed x unit two-way test too")
     if g == len(labels):
-        return f"case ({g}; one edit per unit{seeds})"
+        where = "; sequential runs, every case scored on the final model" if sequential else ""
+        return f"case ({g}; one edit per unit{where}{seeds})"
     mode = "sequential runs" if sequential else "batch mode, cases edited together"
     return f"batch ({g} clusters; {mode}{seeds})"
 

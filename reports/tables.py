@@ -113,7 +113,8 @@ def resampling_unit(frame: pd.DataFrame) -> str:
                                  sort=False):
         units = units_of(rows)
         single = units.nunique() == units.size
-        kind = ("cases (one edit per unit)" if single else "batches (sequential runs)"
+        kind = (("cases (one edit per unit; sequential runs)" if rows["sequential"].any()
+                 else "cases (one edit per unit)") if single else "batches (sequential runs)"
                 if rows["sequential"].any() else "batches (batch mode, edited together)")
         kinds.setdefault(kind, set()).add(int(units.nunique()))
     return " and ".join(f"{k.split(' (')[0]} ({'/'.join(map(str, sorted(v)))}; "

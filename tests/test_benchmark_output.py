@@ -5,6 +5,7 @@ Runs are synthetic run directories (``tests/test_reports_build.make_run``)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -69,14 +70,43 @@ def test_headline_contrasts_are_the_paired_tests_at_the_case(batch_runs):
     assert table[-1][2:6] == ["Gen", "+0.0 [+0.0, +0.0]", "0.0", "1.0000"]  # as text, no parsing
 
 
+def _single_edits(d: Path) -> Path:
+    """The run ``d`` as batch mode with batches of one edit (each case its own unit)."""
+    recs = [json.loads(line) for line in (d / "records.jsonl").read_text().splitlines()]
+    (d / "records.jsonl").write_text("".join(
+        json.dumps({**r, "batch": r["case_index"]}) + "\n" for r in recs))
+    m = json.loads((d / "manifest.json").read_text())
+    m["config"]["batch_size"] = 1
+    (d / "manifest.json").write_text(json.dumps(m))
+    return d
+
+
 def test_headline_intervals_stay_within_the_range_of_a_difference_of_rates(tmp_path):
-    cases = ["1", "2", "3"]  # three cases: a wild bootstrap interval far wider than +-100
-    dirs = [make_run(tmp_path, m, sequential=False, margin_gain=g, case_ids=cases)
+    cases = ["1", "2", "3", "4"]  # four units: a wild bootstrap interval far wider than +-100
+    dirs = [_single_edits(make_run(tmp_path, m, sequential=False, margin_gain=g,
+                                   case_ids=cases))
             for m, g in (("noop", -1.5), ("metake", 2.5))]
     rows = headline.headline_rows(dirs)
     assert [r["contrast"] for r in rows] == ["metake - noop"] * 2
     assert all(-100.0 <= r["lo"] <= r["effect"] <= r["hi"] <= 100.0 for r in rows)
     assert any(r["lo"] == -100.0 or r["hi"] == 100.0 for r in rows)
+
+
+def test_headline_says_when_there_is_no_interval_or_no_test(tmp_path):
+    """Two units (batches of two cases): no interval and no MDE, shown as a dash, never as
+    the full range; a contrast whose runs cannot be paired is a row that says why."""
+    dirs = [make_run(tmp_path, m, sequential=False, margin_gain=g, case_ids=["1", "2", "3"])
+            for m, g in (("noop", -1.5), ("metake", 2.5))]
+    dirs.append(make_run(tmp_path, "alphaedit", sequential=False, case_ids=["7", "8", "9"]))
+    rows = headline.headline_rows(dirs)
+    by = {(r["contrast"], r["metric"]): r for r in rows}
+    first = by[("metake - noop", "Eff")]
+    assert math.isnan(first["lo"]) and math.isnan(first["hi"]) and math.isinf(first["mde"])
+    assert by[("alphaedit - noop", "Eff")]["verdict"].startswith("not testable: ")
+    table = [cells(x) for x in headline.headline_markdown(rows).splitlines()
+             if x.startswith("| ")]
+    row = next(t for t in table if t[1] == "metake - noop" and t[2] == "Eff")
+    assert row[3].endswith("[\u2013, \u2013]") and row[4] == "\u2013"
 
 
 def test_final_table_names_the_report_columns_and_each_run_time(batch_runs, tmp_path):
@@ -154,7 +184,7 @@ def test_without_a_grid_a_gpu_picks_smollm2_100_and_says_so(monkeypatch, capsys)
     assert benchmark.main(["--methods", "nosuch", "--no-report"]) == 2
     out, err = capsys.readouterr()
     assert out.splitlines()[0] == ("grid: smollm2-100 (no --grid given and a GPU is present: "
-                                   "the 100-case comparison of every method at 3 seeds)")
+                                   "the 100-case comparison of every method, 3 seeds for the paired arms)")
     assert "--methods: ['nosuch'] not in grid smollm2-100" in err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert benchmark.choose_grid(None)[0] == "default"
@@ -164,19 +194,25 @@ def test_without_a_grid_a_gpu_picks_smollm2_100_and_says_so(monkeypatch, capsys)
 def test_reproduction_verdicts(tmp_path):
     runs = []
     # at the intervals' edges: 84 <= 84.16, 72 > 71.82, 55 >= 54.24; 62 < 62.51, 60 <= 60.58
-    for method, summary in (("alphaedit", (0.84, 0.72, 0.55)), ("rome", (0.62, 0.56, 0.60))):
+    for method, summary in (("alphaedit", (0.84, 0.72, 0.55)), ("rome", (0.62, 0.56, 0.60)),
+                            ("memit", (0.5, 0.5, 0.5))):
         d = tmp_path / method
         d.mkdir()
-        (d / "manifest.json").write_text(json.dumps({"config": {"method": method}, "summary": {
+        config = {**reproduce.DESIGN, "method": method}
+        if method == "memit":  # another design: no verdict
+            config["n_edits"] = 2
+        (d / "manifest.json").write_text(json.dumps({"config": config, "summary": {
             "efficacy_success": summary[0], "paraphrase_success": summary[1],
             "neighborhood_success": summary[2]}}))
         runs.append(d)
     lines = reproduce.verdict_lines(runs)
-    assert lines[-2:] == [
+    assert lines[-3:] == [
         "| alphaedit | 84 / 77 [67.8, 84.2] inside | 72 / 63 [53.2, 71.8] OUTSIDE | "
         "55 / 64 [54.2, 72.7] inside | 1 of 3 outside the original's interval |",
         "| rome | 62 / 72 [62.5, 79.9] OUTSIDE | 56 / 65 [55.3, 73.6] inside | "
-        "60 / 51 [41.3, 60.6] inside | 1 of 3 outside the original's interval |"]
+        "60 / 51 [41.3, 60.6] inside | 1 of 3 outside the original's interval |",
+        "| memit | \u2013 | \u2013 | \u2013 | no verdict: not the reproduction's design "
+        "(n_edits 2, not 100) |"]
 
 
 def test_workers_share_the_work_by_expected_cost():

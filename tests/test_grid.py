@@ -10,7 +10,7 @@ import yaml
 
 from harness.config import RunConfig
 from harness.errors import UserError
-from harness.grid import ALIASES, AXES, NOT_IN_GRIDS, Grid, load_grid
+from harness.grid import ALIASES, AXES, GRIDS, NOT_IN_GRIDS, Grid, load_grid
 
 BASE = {"models": ["random:llama-tiny"], "methods": ["rome", "ft"], "suites": ["zsre"]}
 
@@ -70,3 +70,21 @@ def test_per_method_keys_must_name_a_method_of_the_grid(tmp_path):
 def test_paper_grid_runs_the_large_models_in_bfloat16():
     dtypes = {c.model: c.dtype for g in load_grid("paper") for c in g.configs()}
     assert dtypes == {"gpt2-xl": "float32", "gpt-j-6b": "bfloat16", "llama3-8b": "bfloat16"}
+
+
+def test_an_empty_axis_is_refused(tmp_path):
+    with pytest.raises(UserError, match="methods empty: name at least one"):
+        load_grid(write(tmp_path, {**BASE, "methods": []}))
+
+
+def test_a_shipped_grid_name_is_not_shadowed_by_the_working_directory(tmp_path, monkeypatch):
+    """``--grid default`` is the shipped grid even where the working directory holds a folder
+    or a file named ``default``; a path is a name with a slash or a YAML suffix."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()
+    (tmp_path / "smoke").write_text("not: a grid\n")
+    assert [g.methods for g in load_grid("default")] == [
+        g.methods for g in load_grid(str(GRIDS / "default.yaml"))]
+    assert len(load_grid("smoke")) == 2
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(BASE))
+    assert load_grid("mine.yaml")[0].methods == ["rome", "ft"]

@@ -184,7 +184,8 @@ def test_without_a_grid_a_gpu_picks_smollm2_100_and_says_so(monkeypatch, capsys)
     assert benchmark.main(["--methods", "nosuch", "--no-report"]) == 2
     out, err = capsys.readouterr()
     assert out.splitlines()[0] == ("grid: smollm2-100 (no --grid given and a GPU is present: "
-                                   "the 100-case comparison of every method, 3 seeds for the paired arms)")
+                                   "the 100-case comparison of every method, 3 seeds for "
+                                   "the paired arms)")
     assert "--methods: ['nosuch'] not in grid smollm2-100" in err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert benchmark.choose_grid(None)[0] == "default"

@@ -63,7 +63,7 @@ def verdict_lines(run_dirs: Iterable[Path]) -> list[str]:
             continue
         cells, inside = [], 0
         for (_, col), orig in zip(COLUMNS, ORIGINAL[method], strict=True):
-            ours = 100 * m["summary"][col]
+            ours = float(m["summary"][col])  # the run summary is in percent
             lo, hi = wilson(orig)
             ok = lo <= ours <= hi
             inside += ok

@@ -27,7 +27,7 @@ from harness.config import RunConfig
 #: evaluation per case (teacher-forced; greedy answers and fluency texts add more)
 EVAL_SECONDS_PER_CASE = 0.9
 _MEASURED = {"noop": 0.0, "memit": 8.8, "alphaedit": 12.2, "metake": 15.8,
-             "rome": 17.8}  # ROME: 18.7 s per edit in sequential batches of 10, evaluation in
+             "rome": 17.8}  # ROME: 18.7 s per edit measured, less the evaluation
 #: the 100-case table's seconds per edit (sequential batches of 10, another machine)
 _TABLE = {"ft": 2.0, "rome": 16.7, "r-rome": 11.7, "prune": 11.9, "rect": 5.8,
           "memit-blue": 11.5, "emmet": 5.6, "alphaedit-blue": 10.0, "alphaedit-rescaled": 5.4,

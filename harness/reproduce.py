@@ -29,7 +29,7 @@ DESIGN = {"model": "smollm2-135m", "suite": "counterfact", "n_edits": N_CASES, "
           "batch_size": 10, "sequential": True, "seed": 0, "preset": "faithful"}
 
 
-def design_differences(config: dict) -> list[str]:
+def off_design(config: dict) -> list[str]:
     """How a run's config differs from :data:`DESIGN` (``key value, not expected``)."""
     return [f"{k} {config.get(k)!r}, not {v!r}" for k, v in DESIGN.items()
             if config.get(k) != v]
@@ -55,7 +55,7 @@ def verdict_lines(run_dirs: Iterable[Path]) -> list[str]:
         method = m["config"]["method"]
         if method not in ORIGINAL:
             continue
-        other = design_differences(m["config"])
+        other = off_design(m["config"])
         if other:
             lines.append(f"| {method} | " + " | ".join("\u2013" for _ in COLUMNS)
                          + f" | no verdict: not the reproduction's design ({'; '.join(other)})"

@@ -36,8 +36,10 @@ Inference unit (stated in every row's ``unit``): the core's, :mod:`reports.paire
   bootstrap-t) and MDE all on the pairs' sign products, clustered by the batch that holds
   each pair (the pair itself with single edits). At equal baseline outcome a ceiling on
   y_MetaKE only pushes the statistic towards 0 or above (conservative).
-* T6: non-inferiority with margin ``Settings.margin`` points, one-sided cluster sign-flip
-  test of H0 mean(d) <= -margin. T7's negative control: equivalence by two one-sided tests
+* T6: non-inferiority with margin ``Settings.margin`` points (Spe, Flu and CounterFact+'s NS+)
+  or ``Settings.kl_margin`` nats (CounterFact+'s neighbourhood KL, plain and prepended:
+  lower is better), one-sided cluster sign-flip test of H0 mean(d) <= -margin. T7's
+  negative control: equivalence by two one-sided tests
   (TOST) with margin ``Settings.equivalence`` (primary outcome's units).
 * T8: one value per batch (mean over cases and seeds), Spearman against the batch index with
   a permutation p-value (batches, not cases, are the units).
@@ -76,6 +78,9 @@ from reports.paired import (
 
 ALPHA = 0.05
 NI_MARGIN = 1.0  # points on the table's scale (percent for rates)
+#: T6's margin for the neighbourhood KL (nats per prompt, MetaKE - baseline); why this value:
+#: docs/RESULTS.md ("Margins")
+KL_MARGIN = 0.05
 #: T7 negative control: equivalence margin of the ROME gain, in the primary outcome's units
 EQUIVALENCE = {"efficacy_margin": 0.25, "efficacy_accuracy": 0.02}
 
@@ -85,10 +90,19 @@ NOPROXY, RESCALED = "metake-noproxy", "alphaedit-rescaled"
 
 PRIMARY = {"counterfact": "efficacy_margin", "zsre": "efficacy_accuracy"}
 EFFICACY = {"counterfact": "efficacy_success", "zsre": "efficacy_accuracy"}
-#: T6: (column, table label, scale to the table's points)
-LOCALITY = {"counterfact": [("neighborhood_success", "Spe", 100.0),
-                            ("ngram_entropy", "Flu", 100.0)],
-            "zsre": [("specificity_accuracy", "Spe", 100.0)]}
+#: T6: (column, table label, scale to the table's units, +1 where higher is better). The
+#: CounterFact+ rows (Hoelscher-Obermaier et al. 2023): NS+ is NS with the edit statement
+#: prepended to each neighbourhood prompt; NKL / NKL+ the KL(edited || unedited) of the
+#: next-token distribution on the plain / prepended neighbourhood prompts (nats; the paper's
+#: NKL is the prepended one), where lower is better.
+LOCALITY = {"counterfact": [("neighborhood_success", "Spe", 100.0, 1),
+                            ("ngram_entropy", "Flu", 100.0, 1),
+                            ("neighborhood_plus_success", "NS+", 100.0, 1),
+                            ("neighborhood_kl", "NKL", 1.0, -1),
+                            ("neighborhood_plus_kl", "NKL+", 1.0, -1)],
+            "zsre": [("specificity_accuracy", "Spe", 100.0, 1)]}
+#: T6 columns whose margin is in nats (``Settings.kl_margin``), not points
+KL_COLUMNS = {"neighborhood_kl", "neighborhood_plus_kl"}
 #: T3: MetaKE diagnostics compared with the open-loop target's; the open-loop value is read
 #: from ``diag_<name>_open_loop`` in the MetaKE run, else from the baseline run's ``diag_<name>``
 OPEN_LOOP_SUFFIX = "_open_loop"
@@ -107,8 +121,9 @@ CLAIMS: dict[str, tuple[str, str]] = {
            "outcome (matched-pair concordance not negative)"),
     "T5": ("The proxy, not extra compute: MetaKE beats metake-noproxy and alphaedit-rescaled",
            "MetaKE's primary outcome not higher than either ablation's"),
-    "T6": ("Locality and fluency not worse (non-inferiority, margin 1 point)",
-           "non-inferiority (H0: MetaKE - baseline <= -1 point) not shown"),
+    "T6": ("Locality and fluency not worse (non-inferiority, margin 1 point; NKL 0.05 nats)",
+           "non-inferiority (H0: MetaKE - baseline <= -1 point on Spe, Flu, NS+; MetaKE's "
+           "NKL, NKL+ >= baseline's + 0.05 nats) not shown"),
     "T7": ("Gains order AlphaEdit > MEMIT > ROME ~ 0",
            "gain(AlphaEdit) not > gain(MEMIT), gain(MEMIT) not > gain(ROME), or ROME's gain "
            "not shown equivalent to 0 (TOST)"),
@@ -128,6 +143,7 @@ class Settings:
     n_resamples: int = 2000
     seed: int = 0
     margin: float = NI_MARGIN
+    kl_margin: float = KL_MARGIN
     equivalence: dict[str, float] = field(default_factory=lambda: dict(EQUIVALENCE))
     #: Monte Carlo draws of the randomisation tests (above the exact sizes)
     n_draws: int = inf.DEFAULT_DRAWS
@@ -385,32 +401,47 @@ def t5_ablations(runs: Runs, s: Settings) -> list[dict[str, Any]]:
 
 
 def t6_locality(runs: Runs, s: Settings) -> list[dict[str, Any]]:
-    """T6: non-inferiority of MetaKE vs the baseline on locality and fluency, margin
-    ``s.margin`` points: one-sided cluster sign-flip test of H0 mean(d) <= -margin and a
-    one-sided 95% wild cluster bootstrap lower bound."""
+    """T6: non-inferiority of MetaKE vs the baseline on locality and fluency: one-sided
+    cluster sign-flip test of H0 mean(d) <= -margin and a one-sided 95% wild cluster
+    bootstrap lower bound, where d = treatment - baseline on the table's scale (points) for
+    rates and fluency, d = baseline - treatment (nats) for the neighbourhood KL (lower is
+    better); margins ``s.margin`` points and ``s.kl_margin`` nats."""
     suite = str(runs.frame["suite"].iloc[0])
     out = []
-    for col, label, scale in LOCALITY.get(suite, LOCALITY["counterfact"]):
+    for col, label, scale, better in LOCALITY.get(suite, LOCALITY["counterfact"]):
         test = f"{label} ({col}): {s.treatment} non-inferior to {s.baseline}"
 
-        def run(col: str = col, scale: float = scale, test: str = test) -> dict[str, Any]:
+        def run(col: str = col, scale: float = scale, better: int = better,
+                test: str = test) -> dict[str, Any]:
             try:
                 pr = pair(runs, s.treatment, s.baseline, col)
             except NotTestable as exc:
                 hint = (" (fluency needs runs with --generation-tokens)"
                         if col == "ngram_entropy" else "")
                 raise NotTestable(f"{exc}{hint}") from exc
-            d = (pr.frame["x"] - pr.frame["y"]).to_numpy(float) * scale
-            res = location_test(d, pr.units, s.alpha, s.seed, s.n_draws, mu0=-s.margin,
-                                alternative="greater", cells=pr.cells(scale=scale),
-                                ci_draws=s.n_resamples)
-            detail = (f"H0: mean <= -{s.margin:g}; shown with 80% power only if the true "
-                      f"difference >= {-s.margin + res.mde:+.3g}; lower bound {res.ci_method}")
+            margin, units = ((s.kl_margin, "nats") if col in KL_COLUMNS
+                             else (s.margin, "points"))
+            d = pr.diff(better * scale)
+            cells = pr.cells(scale=better * scale)
+            res = location_test(d, pr.units, s.alpha, s.seed, s.n_draws, mu0=-margin,
+                                alternative="greater", cells=cells, ci_draws=s.n_resamples)
+            # the upper end of the 90% two-sided interval (whose lower end is the test's
+            # one-sided 95% bound): below -margin it shows the treatment worse by the margin
+            hi = location_test(d, pr.units, s.alpha, s.seed, s.n_draws, confidence=0.90,
+                               cells=cells, ci_draws=s.n_resamples).hi
+            detail = (f"H0: mean <= -{margin:g}; shown with 80% power only if the true "
+                      f"difference >= {-margin + res.mde:+.3g}; interval: one-sided 95% lower "
+                      f"bound ({res.ci_method}), upper end of the 90% two-sided interval")
+            if better < 0:
+                detail = (f"d = {s.baseline} - {s.treatment} (lower is better); mean "
+                          f"{s.treatment}={pr.frame['x'].mean():.4g}, mean "
+                          f"{s.baseline}={pr.frame['y'].mean():.4g}; ") + detail
             if pr.n_failed:
                 detail += f"; {pr.itt_note()}"
-            return _row("T6", test, f"mean difference (points), margin {s.margin:g}",
-                        res.mean, (res.lo, math.inf), res.p, res.n,
-                        bool(res.mean > -s.margin), detail, unit=pr.unit_name(),
+            what = f"{s.baseline} - {s.treatment}" if better < 0 else "difference"
+            return _row("T6", test, f"mean {what} ({units}), margin {margin:g}",
+                        res.mean, (res.lo, hi), res.p, res.n,
+                        bool(res.mean > -margin), detail, unit=pr.unit_name(),
                         n_clusters=res.n_clusters, mde=res.mde)
 
         out.append(_guard("T6", test, "mean difference", run))

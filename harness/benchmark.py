@@ -191,12 +191,19 @@ def main(argv: list[str] | None = None) -> int:
             argv += ["--grid", args.grid]  # workers run the same grid
         grids = load_grid(args.grid)
         configs = []
+        report_of: dict[Path, Path] = {}  # run dir -> the report its grid entry names
+        part_of: dict[Path, str] = {}  # run dir -> its part of a claims study
         for grid in grids:
             if args.out:
                 grid.out = args.out
             if args.device:
                 grid.device = args.device
             configs += [c for c in grid.configs() if c not in configs]
+            for c in grid.configs():
+                run_dir = Path(c.out_dir) / c.default_run_id()
+                report_of.setdefault(run_dir, Path(grid.report_dir))
+                if grid.study:
+                    part_of.setdefault(run_dir, grid.study)
         configs = select(configs, args)
         progress = GridProgress(configs, jobs=args.jobs)
         if args.launcher == "submitit":
@@ -240,39 +247,63 @@ def main(argv: list[str] | None = None) -> int:
         if not args.shard:
             print(progress.line())
             finish(run_dirs, args.grid, None if args.no_report
-                   else Path(args.report_dir or grids[0].report_dir))
+                   else Path(args.report_dir) if args.report_dir else report_of, part_of)
     except UserError as exc:
         print(f"keh: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def finish(run_dirs: list[Path], grid: str, report_dir: Path | None) -> None:
+def finish(run_dirs: list[Path], grid: str, report_dir: Path | dict[Path, Path] | None,
+           part_of: dict[Path, str] | None = None) -> None:
     """Print the final table, the headline contrasts and, for the reproduction grid, the
-    verdicts; write the report (and its ``headline.md``) unless ``report_dir`` is None."""
+    verdicts, and write the report (and its ``headline.md``), once per report folder:
+    ``report_dir`` is one folder for every run, a run dir -> folder mapping (each grid
+    entry's ``report_dir``), or None for no report. With ``part_of`` (run dir -> part of a
+    claims study) also the study's verdicts (:func:`reports.study.write_study`)."""
     from harness import console, headline, reproduce
 
     if not run_dirs:
         print("no run of the grid is left after --methods/--seeds: nothing to show")
         return
-    print()
-    print(console.summary(run_dirs))
-    rows = headline.headline_rows(run_dirs)
-    text = headline.headline_markdown(rows)
-    if text:
-        print(text)
-    if Path(grid).stem == reproduce.GRID:
-        print("\n".join(reproduce.verdict_lines(run_dirs)) + "\n")
-    if report_dir is not None:
-        from reports.build import build_report
-
-        index = build_report(run_dirs, report_dir)
+    groups: dict[Path | None, list[Path]] = {}
+    for d in run_dirs:
+        where = report_dir.get(d) if isinstance(report_dir, dict) else report_dir
+        groups.setdefault(where, []).append(d)
+    for where, dirs in groups.items():
+        print()
+        if len(groups) > 1:
+            print(f"runs of {where}:")
+        print(console.summary(dirs))
+        rows = headline.headline_rows(dirs)
+        text = headline.headline_markdown(rows)
         if text:
-            (report_dir / "headline.md").write_text(text, encoding="utf-8")
-        print(f"report: {index} (every table with its intervals, the paired comparisons and "
-              f"the claims of docs/METAKE.md" + (f"; headline contrasts: "
-                                                 f"{report_dir / 'headline.md'}" if text
-                                                 else "") + ")")
+            print(text)
+        if Path(grid).stem == reproduce.GRID:
+            print("\n".join(reproduce.verdict_lines(dirs)) + "\n")
+        if where is not None:
+            from reports.build import build_report
+
+            index = build_report(dirs, where)
+            if text:
+                (where / "headline.md").write_text(text, encoding="utf-8")
+            print(f"report: {index} (every table with its intervals, the paired comparisons "
+                  f"and the claims of docs/METAKE.md" + (f"; headline contrasts: "
+                                                         f"{where / 'headline.md'}" if text
+                                                         else "") + ")")
+    parts: dict[str, list[Path]] = {}
+    for d in run_dirs:
+        if part_of and d in part_of:
+            parts.setdefault(part_of[d], []).append(d)
+    if parts and report_dir is not None:
+        from reports.study import write_study
+
+        first = next(d for d in run_dirs if part_of and d in part_of)
+        folder = (report_dir.get(first) if isinstance(report_dir, dict) else report_dir)
+        out = folder.parent if isinstance(report_dir, dict) else folder
+        print(f"\nclaims study ({', '.join(f'{k}: {len(v)} runs' for k, v in parts.items())})"
+              f":\n" + write_study(parts, out) + f"study: {out / 'study.md'} "
+              f"(docs/RESULTS.md explains it)")
 
 
 def needs_warm(cfg: RunConfig) -> bool:

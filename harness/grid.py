@@ -10,7 +10,12 @@ more seeds for some methods than for others). Each mapping has
   ``keh run``'s default when left out; ``hparams`` and ``set`` take one entry per method
   (``hparams: {rome: my.yaml}``, ``set: {rome: {layers: [5]}}``), since a grid holds several;
 * ``out`` (where the run directories go, default ``runs/benchmark``) and ``report_dir``
-  (default ``reports_out/benchmark``).
+  (default ``reports_out/benchmark``): the benchmark builds one report per ``report_dir``
+  from the runs of the mappings that name it (a report never mixes designs);
+* ``study``: the part of a claims study these runs are (``single``, ``pairs`` or
+  ``sequential``, :mod:`reports.study`); the benchmark then also writes the study's
+  verdicts, over all its parts, to ``study.md`` in the parent folder of the first part's
+  ``report_dir``.
 
 Older spellings are accepted: ``out_dir`` for ``out`` and ``hparams_overrides`` for ``set``
 (the manifest records both under their run-config names, ``out_dir`` and
@@ -72,6 +77,7 @@ class Grid:
     stop_on_error: bool = _RUN.stop_on_error
     out: str = "runs/benchmark"
     report_dir: str = "reports_out/benchmark"
+    study: str | None = None
 
     def configs(self) -> list[RunConfig]:
         """One run config per (model, suite, method, seed), in that nesting order."""
@@ -125,6 +131,12 @@ def load_grid(name_or_path: str) -> list[Grid]:
             except UserError as exc:
                 raise UserError(f"{where} ({cfg.method} / {cfg.suite} / seed {cfg.seed}): "
                                 f"{exc}") from exc
+        if grid.study is not None:
+            from reports.study import PARTS
+
+            if grid.study not in PARTS:
+                raise UserError(f"{where}: study: expected one of {', '.join(PARTS)}, got "
+                                f"{grid.study!r}")
         unknown = sorted((set(grid.hparams) | set(grid.set)) - set(grid.methods))
         if unknown:
             raise UserError(f"{where}: hparams/set name method(s) {', '.join(unknown)} that "

@@ -49,6 +49,8 @@ from reports.load import load_runs
 
 ALPHA = 0.05
 POWER = 0.8
+#: the parts a design can have (a grid entry's ``study`` key)
+PARTS = ("single", "pairs", "sequential")
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,10 @@ def achieved_power(row: pd.Series, t: Target, m: int, margin: float = 0.0) -> fl
     """Power at the target's smallest effect, at Holm's strictest level (module notes);
     ``margin``: the NI or TOST margin (their effect is the margin, at a true difference 0)."""
     se = _se(row, t)
-    if not np.isfinite(se) or se <= 0:
+    if not np.isfinite(se):
         return 0.0
+    if se <= 0:  # no spread at all: the test reaches its alpha (its MDE is finite)
+        return 1.0
     if t.kind == "spearman":
         return float(stats.norm.cdf(math.atanh(t.delta) / se - _z(1 - ALPHA / (2 * m))))
     if t.kind in ("ni", "tost"):
@@ -253,6 +257,22 @@ def to_markdown(sub: pd.DataFrame, claims: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_study(parts: dict[str, list[Path]], out: str | Path,
+                settings: claims_mod.Settings | None = None) -> str:
+    """Run the study on the run directories of each part; write ``study.md``, ``study.csv``
+    and ``study_claims.csv`` under ``out``; return the markdown."""
+    settings = settings or claims_mod.Settings()
+    rows = {part: rows_of_part(dirs, settings) for part, dirs in parts.items() if dirs}
+    sub, claims = study(rows)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sub.to_csv(out / "study.csv", index=False)
+    claims.to_csv(out / "study_claims.csv", index=False)
+    text = to_markdown(sub, claims)
+    (out / "study.md").write_text(text, encoding="utf-8")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m reports.study",
@@ -266,18 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="directory for study.md and study.csv")
     ap.add_argument("--n-resamples", type=int, default=2000)
     args = ap.parse_args(argv)
-    settings = claims_mod.Settings(n_resamples=args.n_resamples)
-    parts = {"single": rows_of_part(args.single, settings)}
-    for part in ("pairs", "sequential"):
-        if getattr(args, part):
-            parts[part] = rows_of_part(getattr(args, part), settings)
-    sub, claims = study(parts)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sub.to_csv(out / "study.csv", index=False)
-    claims.to_csv(out / "study_claims.csv", index=False)
-    text = to_markdown(sub, claims)
-    (out / "study.md").write_text(text)
+    parts = {part: [Path(d) for d in getattr(args, part)] for part in PARTS}
+    text = write_study(parts, args.out, claims_mod.Settings(n_resamples=args.n_resamples))
     sys.stdout.write(text)
     return 0
 

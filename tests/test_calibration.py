@@ -78,6 +78,8 @@ class Scenario:
     ceiling: float | None = None  # MetaKE margin = min(ceiling, baseline + gain)
     spe_shift: float = 0.0  # MetaKE neighbourhood rate shift (fraction)
     flu_shift: float = 0.0  # MetaKE n-gram entropy shift (bits)
+    nsp_shift: float = 0.0  # MetaKE NS+ (CounterFact+) rate shift (fraction)
+    kl_shift: float = 0.0  # MetaKE neighbourhood KL shift, plain and prepended (nats; + worse)
     align_shift: float = 0.0
     cos_mean: float = 0.0
     #: rho change per batch, about the middle batch (no change in the mean)
@@ -97,6 +99,8 @@ def simulate(sc: Scenario, design: Design, rng: np.random.Generator,
     case_spe = rng.uniform(0.6, 0.95, N_CASES)
     spe_shared = {s: rng.binomial(10, case_spe) / 10.0 for s in SEEDS}
     case_flu = rng.normal(6.0, 0.2, N_CASES)
+    nsp_shared = {s: rng.binomial(10, rng.uniform(0.2, 0.6, N_CASES)) / 10.0 for s in SEEDS}
+    case_kl = 0.1 + np.abs(rng.normal(0, 0.1, N_CASES))
     manifests, runs = [], []
     for seed in SEEDS:
         base: dict[str, np.ndarray] = {}
@@ -138,6 +142,17 @@ def simulate(sc: Scenario, design: Design, rng: np.random.Generator,
             spe = np.clip(spe + 0.05 * run, 0.0, 1.0)
             flu = case_flu + (sc.flu_shift if arm == "metake" else 0.0) + rng.normal(
                 0, 0.005, N_CASES) + 0.005 * run
+            # CounterFact+: NS+ as Spe (its own base rates); NKL and NKL+ as Flu (nats,
+            # lower is better, so MetaKE's shift is added)
+            nsp = nsp_shared[seed] + 0.1 * (rng.binomial(1, 0.05, N_CASES)
+                                           - rng.binomial(1, 0.05, N_CASES))
+            if arm == "metake" and sc.nsp_shift:
+                nsp = nsp + np.sign(sc.nsp_shift) * 0.1 * rng.binomial(
+                    1, abs(sc.nsp_shift) * 10, N_CASES)
+            nsp = np.clip(nsp + 0.05 * run, 0.0, 1.0)
+            kl = {k: case_kl * (1 + j) + (sc.kl_shift if arm == "metake" else 0.0)
+                  + rng.normal(0, 0.005, N_CASES) + 0.005 * run
+                  for j, k in enumerate(("neighborhood_kl", "neighborhood_plus_kl"))}
             align = np.clip(0.7 + rng.normal(0, 0.05, N_CASES), 0, 1)
             kernel = np.clip(0.3 + rng.normal(0, 0.05, N_CASES), 0, 1)
             rid = f"{arm}_s{seed}"
@@ -159,6 +174,8 @@ def simulate(sc: Scenario, design: Design, rng: np.random.Generator,
                     "efficacy_success": float(y[i] > 0), "paraphrase_success": float(
                         y[i] > 0.3), "neighborhood_success": float(spe[i]),
                     "efficacy_margin": float(y[i]), "ngram_entropy": float(flu[i]),
+                    "neighborhood_plus_success": float(nsp[i]),
+                    **{k: float(v[i]) for k, v in kl.items()},
                     "reference_score": None, "diagnostics": diag})
             is_meta = arm.startswith("metake")
             manifests.append({
@@ -188,7 +205,8 @@ def study(sc: Scenario, seed: int, design: Design = DESIGNS["10 batches"],
 
 SETTINGS = claims.Settings(n_draws=499, n_resamples=499, seed=0)
 
-NULL_A = Scenario("null A", spe_shift=-0.01, flu_shift=-0.01, gain={"rome": 0.25})
+NULL_A = Scenario("null A", spe_shift=-0.01, flu_shift=-0.01, nsp_shift=-0.01,
+                  kl_shift=claims.KL_MARGIN, gain={"rome": 0.25})
 NULL_B = Scenario("null B (ceiling)", t1_coupling=3.0, gain={"alphaedit": 2.0}, ceiling=1.0)
 #: NULL_A with run effects (each arm's seed-s run shifted as a whole, 0.4 per-case sd: about
 #: 4 standard errors of a 100-case mean)
@@ -214,7 +232,8 @@ EFFECTS = {
           "cases; either way in 5% of every arm's): about 3.5 points above the boundary "
           "after clipping; Flu: "
           "MetaKE 0.63 points (0.0063 bits) lower (paired sd 0.007 bits): 0.37 above it; "
-          "margin 1 point",
+          "margin 1 point; NS+ as Spe; NKL and NKL+: MetaKE 0.0458 nats higher, 0.0042 "
+          "below the margin of 0.05 (paired sd 0.007)",
     "T7": "gains 0.63 (AlphaEdit), 0.36 (MEMIT), 0.16 (ROME, 0.09 inside the equivalence "
           "margin of 0.25) in margin; 20 batches: 0.6, 0.37, 0.16",
     "T8": "baseline rho falls 0.025 per batch (10 batches) / 0.0125 (20); MetaKE's by a "
@@ -224,7 +243,7 @@ PLANTED = Scenario(
     "planted", batch_sd=0.03, rho_shift={"metake": 0.12, "metake-memit": 0.12},
     gain={"alphaedit": 0.63, "memit": 0.36, "rome": 0.16}, ablation_gap=0.27,
     t1_coupling=1.15, t4_slope=1.8, align_shift=0.022, cos_mean=0.12, spe_shift=0.03,
-    flu_shift=-0.0063, run_sd=0.2,
+    flu_shift=-0.0063, nsp_shift=0.03, kl_shift=claims.KL_MARGIN - 0.0042, run_sd=0.2,
     trend={"alphaedit": -0.025, "memit": -0.025, "metake": -0.00625})
 PLANTED_20 = replace(PLANTED, name="planted, 20 batches",
                      gain={"alphaedit": 0.6, "memit": 0.37, "rome": 0.16}, ablation_gap=0.23,
@@ -296,7 +315,7 @@ def null_a(request) -> tuple[str, pd.DataFrame]:
 
 def test_false_support_within_each_sub_tests_nominal_level(null_a):
     _, r = null_a
-    assert len(r) == 19  # every sub-test of T1-T8
+    assert len(r) == 22  # every sub-test of T1-T8
     bad = r[r["rate"] > _limits(r, N_NULL)]
     assert bad.empty, bad.to_dict()
 
@@ -349,13 +368,14 @@ def test_power_at_least_08_near_the_mde(design):
     # T6: the distance from the non-inferiority boundary; TOST: from the equivalence margin
     for k in r.index:
         if k.startswith("T6"):
-            effect[k] = r.loc[k, "value"] + claims.NI_MARGIN
+            effect[k] = r.loc[k, "value"] + (claims.KL_MARGIN if k.startswith("T6 NKL")
+                                             else claims.NI_MARGIN)
         if "TOST" in k:
             effect[k] = claims.EQUIVALENCE["efficacy_margin"] - abs(r.loc[k, "value"])
     r = r.assign(effect=effect, ratio=effect / r["mde"])
     print(f"\npower, planted effects, {design} ({N_POWER} studies):\n"
           f"{r.round(3).to_string()}")
-    assert len(r) == 19
+    assert len(r) == 22
     weak = r[r["rate"] < MIN_POWER]
     assert weak.empty, weak.to_dict()
     far = r[r["ratio"] > 1.5]

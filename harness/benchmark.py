@@ -179,6 +179,26 @@ def select(configs: list[RunConfig], args: argparse.Namespace) -> list[RunConfig
     return configs
 
 
+def report_folders(entries: list[tuple[RunConfig, Grid]], override: Path | None = None
+                   ) -> tuple[dict[Path, Path], dict[Path, str]]:
+    """(run dir -> report folder, run dir -> part of a claims study) for the runs of
+    ``entries`` (each config with the grid entry that named it; after ``--n-edits``, whose
+    run ids differ). The folder is the entry's ``report_dir``; ``--report-dir`` replaces
+    it, and where the entries name several, each goes to a folder of its name under it (one
+    report never mixes designs)."""
+    names = list(dict.fromkeys(g.report_dir for _, g in entries))
+    report_of, part_of = {}, {}
+    for cfg, grid in entries:
+        run_dir = Path(cfg.out_dir) / cfg.default_run_id()
+        folder = Path(grid.report_dir)
+        if override is not None:
+            folder = override / folder.name if len(names) > 1 else override
+        report_of.setdefault(run_dir, folder)
+        if grid.study:
+            part_of.setdefault(run_dir, grid.study)
+    return report_of, part_of
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -191,20 +211,20 @@ def main(argv: list[str] | None = None) -> int:
             argv += ["--grid", args.grid]  # workers run the same grid
         grids = load_grid(args.grid)
         configs = []
-        report_of: dict[Path, Path] = {}  # run dir -> the report its grid entry names
-        part_of: dict[Path, str] = {}  # run dir -> its part of a claims study
+        entry_of: dict[int, Grid] = {}  # id(config) -> the grid entry that first named it
         for grid in grids:
             if args.out:
                 grid.out = args.out
             if args.device:
                 grid.device = args.device
-            configs += [c for c in grid.configs() if c not in configs]
             for c in grid.configs():
-                run_dir = Path(c.out_dir) / c.default_run_id()
-                report_of.setdefault(run_dir, Path(grid.report_dir))
-                if grid.study:
-                    part_of.setdefault(run_dir, grid.study)
-        configs = select(configs, args)
+                if c not in configs:
+                    configs.append(c)
+                    entry_of[id(c)] = grid
+        configs = select(configs, args)  # filters and cuts in place: the same objects
+        report_of, part_of = report_folders(
+            [(c, entry_of[id(c)]) for c in configs],
+            Path(args.report_dir) if args.report_dir else None)
         progress = GridProgress(configs, jobs=args.jobs)
         if args.launcher == "submitit":
             if args.jobs > 1:
@@ -246,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"another process is left alone)")
         if not args.shard:
             print(progress.line())
-            finish(run_dirs, args.grid, None if args.no_report
-                   else Path(args.report_dir) if args.report_dir else report_of, part_of)
+            finish(run_dirs, args.grid, None if args.no_report else report_of, part_of)
     except UserError as exc:
         print(f"keh: error: {exc}", file=sys.stderr)
         return 2
@@ -268,7 +287,7 @@ def finish(run_dirs: list[Path], grid: str, report_dir: Path | dict[Path, Path] 
         return
     groups: dict[Path | None, list[Path]] = {}
     for d in run_dirs:
-        where = report_dir.get(d) if isinstance(report_dir, dict) else report_dir
+        where = report_dir[d] if isinstance(report_dir, dict) else report_dir
         groups.setdefault(where, []).append(d)
     for where, dirs in groups.items():
         print()
@@ -299,8 +318,7 @@ def finish(run_dirs: list[Path], grid: str, report_dir: Path | dict[Path, Path] 
         from reports.study import write_study
 
         first = next(d for d in run_dirs if part_of and d in part_of)
-        folder = (report_dir.get(first) if isinstance(report_dir, dict) else report_dir)
-        out = folder.parent if isinstance(report_dir, dict) else folder
+        out = (report_dir[first] if isinstance(report_dir, dict) else report_dir).parent
         print(f"\nclaims study ({', '.join(f'{k}: {len(v)} runs' for k, v in parts.items())})"
               f":\n" + write_study(parts, out) + f"study: {out / 'study.md'} "
               f"(docs/RESULTS.md explains it)")

@@ -11,7 +11,9 @@ more seeds for some methods than for others). Each mapping has
   (``hparams: {rome: my.yaml}``, ``set: {rome: {layers: [5]}}``), since a grid holds several;
 * ``out`` (where the run directories go, default ``runs/benchmark``) and ``report_dir``
   (default ``reports_out/benchmark``): the benchmark builds one report per ``report_dir``
-  from the runs of the mappings that name it (a report never mixes designs);
+  from the runs of the mappings that name it (a report never mixes designs; with
+  ``--report-dir DIR``, in DIR, or in a folder of each one's name under DIR where they
+  differ: :func:`harness.benchmark.report_folders`);
 * ``study``: the part of a claims study these runs are (``single``, ``pairs`` or
   ``sequential``, :mod:`reports.study`); the benchmark then also writes the study's
   verdicts, over all its parts, to ``study.md`` in the parent folder of the first part's

@@ -35,6 +35,7 @@ import pandas as pd
 from markupsafe import Markup
 
 from reports import explorer
+from reports.claims import interval_label
 from reports.load import Runs, revisions_of
 from reports.plots import Figure
 from reports.tables import Table, arm_label, fmt_p, runs_word
@@ -215,8 +216,9 @@ def claim_reading(row: pd.Series, alpha: float) -> str:
         return f"Not testable: {verdict.removeprefix('not testable: ')}."
     value, lo, hi = (_num(row.get(k)) for k in ("value", "ci_lo", "ci_hi"))
     mde, p = _num(row.get("mde")), _num(row.get("p_holm"))
+    label = interval_label(str(row.get("claim", "")), str(row.get("test", "")))
     est = f"estimate {_g(value)}" + ("" if math.isnan(lo) or math.isnan(hi)
-                                     else f" (95% CI {_g(lo)} to {_g(hi)})")
+                                     else f" ({label} {_g(lo)} to {_g(hi)})")
     if verdict == "supported":
         return (f"Supported: {est}, Holm-adjusted p {fmt_p(p)} < {alpha}, in the claimed "
                 f"direction.")

@@ -2,31 +2,36 @@
 parts, one Holm family over all of them, and a three-way verdict per claim with the power
 the design achieved (docs/RESULTS.md; the design in docs/DESIGN.md, "The claims study").
 
-Parts: each part is a set of runs of one design (``single``: independent edits in batch
-mode, batches of one, every case its own unit; ``sequential``: edits that accumulate, the
-batch as unit). The tests are :mod:`reports.claims`'s, run on each part's runs; a
-:class:`Target` names which rows of which part the study reports and the smallest effect
-worth detecting for each, fixed before the runs.
+Parts: each part is a set of runs of one design (:data:`PARTS`: ``single``, independent
+edits in batch mode with batches of one, every case its own unit; ``pairs``, batches of
+two, the batch as unit; ``sequential``, edits that accumulate, the batch as unit). The tests
+are :mod:`reports.claims`'s, run on each part's runs; a :class:`Target` names which rows of
+which part the study reports and the smallest effect worth detecting for each, fixed before
+the runs. m: the number of the study's rows with a p-value (the Holm family).
 
-Verdicts per sub-test (``verdict3``):
+Verdicts per sub-test (:func:`verdict3`), both sides at the family's level:
 * ``supported``: Holm-adjusted p < alpha over the study's rows, effect in the claimed
-  direction (as :func:`reports.claims.finalise`).
-* ``contradicted``: the interval excludes every effect of the smallest size worth detecting
-  in the claimed direction (a reverse effect included): the claim, at the size that matters,
-  is ruled out. Non-inferiority rows (T6): the 90% interval lies below the
-  margin (the treatment is worse by more than the margin). Rows without an interval (T1's
-  AUC, T8's Spearman) take value +- z_{0.975} se, se from the row's MDE (normal
-  approximation; Fisher's z for Spearman).
+  direction (as :func:`reports.claims.finalise`). A supported effect may still be smaller
+  than the smallest one worth detecting; the table shows both.
+* ``contradicted``: the Bonferroni interval (each side at alpha / m: :func:`bounds`,
+  value +- t_{1 - alpha/m} se) excludes every effect of the smallest size worth detecting in
+  the claimed direction (a reverse effect included): the claim, at the size that matters,
+  is ruled out. Non-inferiority rows (T6): the interval lies below -margin (the treatment is
+  worse by more than the margin); T7's TOST: outside +-margin.
 * ``inconclusive``: neither; the row's MDE says what the design could have detected.
 A claim is supported when all its sub-tests are (T1: any), contradicted when one is (T1:
 all), else inconclusive.
 
-Achieved power (``power``) of a sub-test at its smallest effect worth detecting ``delta``,
-at Holm's strictest level alpha / m (m the study's rows; a lower bound for the later
-steps): Phi(delta / se - z_{1 - a}), a = alpha / (2m) for the two-sided tests of a directional
-claim, alpha / m for the one-sided ones (T6 and T7's TOST, whose effect is the distance of
-a true difference of 0 from the margin). se = MDE / (z_{1-a0} + z_{0.8}) with a0 the MDE's
-own unadjusted level; 0 where the MDE is infinite (the test cannot reach alpha).
+se: from the row's MDE (:func:`reports.inference.mde`: (q_{1-a0} + q_{0.8}) se, q the t
+quantile on g - 1 df below 200 clusters, a0 = alpha / 2 two-sided, alpha one-sided); for
+T8's Spearman, of Fisher's z, sqrt(1.06 / (g - 3)). Achieved power (``power``) at the
+smallest effect worth detecting ``delta``, at Holm's strictest level (a lower bound for the
+later steps): F(delta / se - q_{1 - alpha/(2m)}) for the two-sided tests of a directional
+claim; F(margin / se - q_{1 - alpha/m}) for T6's non-inferiority at a true difference of
+0; 2 F(margin / se - q_{1 - alpha/m}) - 1 for the TOST at a true gain of 0 (both one-sided
+tests must reject). 0 where the MDE is infinite (the test cannot reach alpha); NaN where
+nothing varies (not estimable). The Monte Carlo tests run with :data:`DRAWS` draws, enough
+to reach alpha / m.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ ALPHA = 0.05
 POWER = 0.8
 #: the parts a design can have (a grid entry's ``study`` key)
 PARTS = ("single", "pairs", "sequential")
+#: draws of the randomisation tests and bootstrap intervals (T1's AUC test uses the smaller
+#: of the two): 1 / (draws + 1) well below alpha / m for the study's 26 rows
+DRAWS = 9999
 
 
 @dataclass(frozen=True)
@@ -115,30 +123,49 @@ def _z(p: float) -> float:
     return float(stats.norm.ppf(p))
 
 
+#: Fisher's z of a Spearman correlation has variance about 1.06 / (n - 3) (Fieller,
+#: Hartley & Pearson 1957)
+SPEARMAN_VAR = 1.06
+
+
+def _dist(row: pd.Series) -> Any:
+    """The reference distribution of the row's MDE (:func:`reports.inference.mde`): t on
+    g - 1 degrees of freedom below 200 clusters, else normal."""
+    g = int(row.get("n_clusters") or 0)
+    return stats.t(g - 1) if 2 <= g < 200 else stats.norm
+
+
 def _se(row: pd.Series, t: Target) -> float:
-    """The row's standard error, from its MDE (module notes)."""
+    """The row's standard error (module notes): from its MDE, inverting the quantiles that
+    made it; for Spearman rows, of Fisher's z from the number of batches."""
+    if t.kind == "spearman":
+        g = int(row.get("n_clusters") or 0)
+        return math.sqrt(SPEARMAN_VAR / (g - 3)) if g > 3 else math.inf
     mde = float(row["mde"])
     if not np.isfinite(mde):
         return math.inf
-    if t.kind == "spearman":  # mde_correlation: tanh((z_a + z_b) / sqrt(g - 3))
-        return 1.0 / math.sqrt(max(int(row["n_clusters"]) - 3, 1))
     a0 = ALPHA if t.kind in ("ni", "tost") else ALPHA / 2
-    return mde / (_z(1 - a0) + _z(POWER))
+    d = _dist(row)
+    return mde / float(d.ppf(1 - a0) + d.ppf(POWER))
 
 
 def achieved_power(row: pd.Series, t: Target, m: int, margin: float = 0.0) -> float:
     """Power at the target's smallest effect, at Holm's strictest level (module notes);
-    ``margin``: the NI or TOST margin (their effect is the margin, at a true difference 0)."""
+    ``margin``: the NI or TOST margin (their effect is the margin, at a true difference 0).
+    NaN where the row has no spread at all (no case differs): not estimable."""
     se = _se(row, t)
     if not np.isfinite(se):
         return 0.0
-    if se <= 0:  # no spread at all: the test reaches its alpha (its MDE is finite)
-        return 1.0
+    if se <= 0:
+        return math.nan
     if t.kind == "spearman":
         return float(stats.norm.cdf(math.atanh(t.delta) / se - _z(1 - ALPHA / (2 * m))))
-    if t.kind in ("ni", "tost"):
-        return float(stats.norm.cdf(margin / se - _z(1 - ALPHA / m)))
-    return float(stats.norm.cdf(t.delta / se - _z(1 - ALPHA / (2 * m))))
+    d = _dist(row)
+    if t.kind == "ni":
+        return float(d.cdf(margin / se - d.ppf(1 - ALPHA / m)))
+    if t.kind == "tost":  # both one-sided tests must reject: 2 P(one) - 1 at a true 0
+        return max(0.0, float(2 * d.cdf(margin / se - d.ppf(1 - ALPHA / m)) - 1))
+    return float(d.cdf(t.delta / se - d.ppf(1 - ALPHA / (2 * m))))
 
 
 def _margin(row: pd.Series) -> float:
@@ -147,31 +174,32 @@ def _margin(row: pd.Series) -> float:
     return float(found.group(1)) if found else math.nan
 
 
-def _interval(row: pd.Series, t: Target) -> tuple[float, float]:
-    lo, hi, v = float(row["ci_lo"]), float(row["ci_hi"]), float(row["value"])
-    if np.isfinite(lo) and np.isfinite(hi):
-        return lo, hi
-    se = _se(row, t)
+def bounds(row: pd.Series, t: Target, m: int) -> tuple[float, float]:
+    """The row's two-sided interval at the Bonferroni level 1 - 2 alpha / m (each side at
+    alpha / m, the level of the study's family), value +- q se; Fisher's z for Spearman."""
+    v, se = float(row["value"]), _se(row, t)
     if not (np.isfinite(se) and np.isfinite(v)):
         return -math.inf, math.inf
     if t.kind == "spearman":
         z = math.atanh(float(np.clip(v, -0.999999, 0.999999)))
-        return math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se)
-    return v - 1.96 * se, v + 1.96 * se
+        q = _z(1 - ALPHA / m)
+        return math.tanh(z - q * se), math.tanh(z + q * se)
+    q = float(_dist(row).ppf(1 - ALPHA / m))
+    return v - q * se, v + q * se
 
 
-def verdict3(row: pd.Series, t: Target) -> str:
+def verdict3(row: pd.Series, t: Target, m: int) -> str:
     """supported / contradicted / inconclusive for one sub-test (module notes)."""
     if str(row["verdict"]).startswith("not testable"):
         return str(row["verdict"])
     if row["verdict"] == "supported":
         return "supported"
-    lo, hi = _interval(row, t)
+    lo, hi = bounds(row, t, m)
     if t.kind == "ni":
         return "contradicted" if hi < -_margin(row) else "inconclusive"
     if t.kind == "tost":
-        m = _margin(row)
-        return "contradicted" if lo > m or hi < -m else "inconclusive"
+        margin = _margin(row)
+        return "contradicted" if lo > margin or hi < -margin else "inconclusive"
     edge = t.null + t.sign * t.delta  # the smallest effect worth detecting, on the row's scale
     ruled_out = hi < edge if t.sign > 0 else lo > edge
     return "contradicted" if ruled_out else "inconclusive"
@@ -213,7 +241,7 @@ def study(parts: dict[str, list[dict[str, Any]]], design: Sequence[Target] = DES
                     "n_clusters": row.get("n_clusters", 0), "unit": row.get("unit", ""),
                     "delta": margin if t.kind in ("ni", "tost") else t.delta,
                     "power": achieved_power(row, t, max(m, 1), margin),
-                    "verdict": verdict3(row, t), "why delta": t.why})
+                    "verdict": verdict3(row, t, max(m, 1)), "why delta": t.why})
     sub = pd.DataFrame(out)
     claims = []
     for claim, g in sub.groupby("claim", sort=True):
@@ -244,16 +272,20 @@ def _fmt(x: Any, digits: int = 3) -> str:
 def to_markdown(sub: pd.DataFrame, claims: pd.DataFrame) -> str:
     lines = ["| claim | verdict | lowest power | statement |", "| --- | --- | --- | --- |"]
     for _, r in claims.iterrows():
-        lines.append(f"| {r['claim']} | {r['verdict']} | {r['lowest power']:.2f} | "
+        lines.append(f"| {r['claim']} | {r['verdict']} | {_fmt(r['lowest power'], 2)} | "
                      f"{r['statement']} |")
-    lines += ["", "| claim | part | sub-test | effect [95% CI] | smallest effect worth "
+    lines += ["", "| claim | part | sub-test | effect [interval] | smallest effect worth "
               "detecting | MDE | power | Holm p | units | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for _, r in sub.iterrows():
         lines.append(f"| {r['claim']} | {r['part']} | {r['test']} | {_fmt(r['value'])} "
                      f"[{_fmt(r['ci_lo'])}, {_fmt(r['ci_hi'])}] | {_fmt(r['delta'])} | "
-                     f"{_fmt(r['mde'])} | {r['power']:.2f} | {_fmt(r['p_holm'])} | "
+                     f"{_fmt(r['mde'])} | {_fmt(r['power'], 2)} | {_fmt(r['p_holm'])} | "
                      f"{_fmt(r['n_clusters'])} | {r['verdict']} |")
+    lines += ["", "Intervals: each row's own (95% two-sided; T6: the one-sided 95% lower bound, "
+              "its test, and the 90% upper end; T7's TOST: 90%; T1 and T8: none). Verdicts "
+              "use the family's level (reports/study.py). Power: at the smallest effect worth "
+              "detecting, at Holm's strictest level; '–': not estimable (nothing varies)."]
     return "\n".join(lines) + "\n"
 
 
@@ -261,7 +293,7 @@ def write_study(parts: dict[str, list[Path]], out: str | Path,
                 settings: claims_mod.Settings | None = None) -> str:
     """Run the study on the run directories of each part; write ``study.md``, ``study.csv``
     and ``study_claims.csv`` under ``out``; return the markdown."""
-    settings = settings or claims_mod.Settings()
+    settings = settings or claims_mod.Settings(n_resamples=DRAWS, n_draws=DRAWS)
     rows = {part: rows_of_part(dirs, settings) for part, dirs in parts.items() if dirs}
     sub, claims = study(rows)
     out = Path(out)
@@ -284,10 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sequential", nargs="+", default=[], metavar="RUN_DIR",
                     help="sequential runs (T8, T6 under accumulation)")
     ap.add_argument("--out", required=True, help="directory for study.md and study.csv")
-    ap.add_argument("--n-resamples", type=int, default=2000)
+    ap.add_argument("--draws", type=int, default=DRAWS,
+                    help="draws of the randomisation tests and bootstrap intervals")
     args = ap.parse_args(argv)
     parts = {part: [Path(d) for d in getattr(args, part)] for part in PARTS}
-    text = write_study(parts, args.out, claims_mod.Settings(n_resamples=args.n_resamples))
+    text = write_study(parts, args.out, claims_mod.Settings(n_resamples=args.draws,
+                                                                n_draws=args.draws))
     sys.stdout.write(text)
     return 0
 

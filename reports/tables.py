@@ -30,6 +30,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from reports import inference as inf
+from reports.claims import interval_label as claims_label
 from reports.load import Runs, diagnostic_columns
 from reports.paired import NotTestable, mean_ci, pair, paired_test, unit_labels, units_of
 
@@ -525,9 +526,12 @@ def claims_tables(detail: pd.DataFrame, summary: pd.DataFrame) -> tuple[Table, T
         "suite / model [preset]": detail["suite"] + " / " + detail["model"] + " ["
         + preset.astype(str) + "]",
         "test": detail["test"], "statistic": detail["statistic"],
-        "value [95% CI]": [fmt_ci(v, lo, hi, 3) for v, lo, hi in
-                           zip(detail["value"], detail["ci_lo"], detail["ci_hi"],
-                               strict=True)],
+        "value [interval]": [f"{fmt_ci(v, lo, hi, 3)} ({claims_label(c, t)})" if
+                             np.isfinite(lo) or np.isfinite(hi) else fmt_ci(v, lo, hi, 3)
+                             for v, lo, hi, c, t in
+                             zip(detail["value"], detail["ci_lo"].astype(float),
+                                 detail["ci_hi"].astype(float), detail["claim"],
+                                 detail["test"], strict=True)],
         "unit (n)": [f"{u} (n={int(n)})" if isinstance(u, str) and u else "–"
                      for u, n in zip(detail["unit"].fillna(""), detail["n"].fillna(0),
                                      strict=True)],

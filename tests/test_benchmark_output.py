@@ -224,3 +224,57 @@ def test_workers_share_the_work_by_expected_cost():
                                                       ["memit", "alphaedit"]]
     three = [progress.balanced_shard(cfgs, i, 3) for i in range(3)]
     assert sorted(c.method for s in three for c in s) == sorted(c.method for c in cfgs)
+
+
+def test_each_report_dir_gets_its_own_report_and_the_study_spans_them(batch_runs, tmp_path,
+                                                                      capsys):
+    """A grid of two designs (batch mode with single edits; sequential): one report per
+    entry's report_dir, since one report over both is refused (a table never mixes designs),
+    and the claims study over both parts beside them."""
+    seq = [make_run(tmp_path / "seq", m, sequential=True, run_id=f"counterfact_{m}_seq")
+           for m in ("alphaedit", "metake")]
+    with pytest.raises(Exception, match="design"):
+        benchmark.finish(batch_runs + seq, "claims-smollm2", tmp_path / "one")
+    capsys.readouterr()
+    where = {d: tmp_path / "out" / "single" for d in batch_runs} | {
+        d: tmp_path / "out" / "sequential" for d in seq}
+    parts = {d: "single" for d in batch_runs} | {d: "sequential" for d in seq}
+    benchmark.finish(batch_runs + seq, "claims-smollm2", where, parts)
+    out = capsys.readouterr().out
+    for part in ("single", "sequential"):
+        assert (tmp_path / "out" / part / "index.md").is_file()
+        assert f"runs of {tmp_path / 'out' / part}:" in out
+    study = (tmp_path / "out" / "study.md").read_text()
+    assert "claims study (single: 4 runs, sequential: 2 runs)" in out
+    rows = [line for line in study.splitlines() if line.startswith("| T8 | sequential |")]
+    assert len(rows) == 2 and not any("not testable" in r for r in rows)
+
+
+def test_report_folders_follow_the_entries_after_n_edits_and_report_dir():
+    """Each run's report folder is its grid entry's report_dir, also after --n-edits
+    (other run ids); --report-dir puts each entry's report in a folder of its name under it;
+    the study's parts come with them."""
+    import argparse
+
+    grids = benchmark.load_grid("claims-smollm2")
+    configs, entry_of = [], {}
+    for g in grids:
+        for c in g.configs():
+            if c not in configs:
+                configs.append(c)
+                entry_of[id(c)] = g
+    args = argparse.Namespace(methods=None, seeds=None, n_edits=2, grid="claims-smollm2")
+    configs = benchmark.select(configs, args)
+    entries = [(c, entry_of[id(c)]) for c in configs]
+    report_of, part_of = benchmark.report_folders(entries)
+    run_dirs = [Path(c.out_dir) / c.default_run_id() for c in configs]
+    assert set(report_of) == set(run_dirs) and all("_n2_" in d.name for d in run_dirs)
+    assert {str(v) for v in report_of.values()} == {
+        f"reports_out/claims-smollm2/{p}" for p in ("single", "pairs", "sequential")}
+    assert sorted(set(part_of.values())) == ["pairs", "sequential", "single"]
+    over, _ = benchmark.report_folders(entries, Path("elsewhere"))
+    assert {str(v) for v in over.values()} == {f"elsewhere/{p}" for p in
+                                                ("single", "pairs", "sequential")}
+    one = [(c, g) for c, g in entries if g.study == "single"]
+    assert set(benchmark.report_folders(one, Path("elsewhere"))[0].values()) == {
+        Path("elsewhere")}

@@ -99,8 +99,11 @@ def simulate(sc: Scenario, design: Design, rng: np.random.Generator,
     case_spe = rng.uniform(0.6, 0.95, N_CASES)
     spe_shared = {s: rng.binomial(10, case_spe) / 10.0 for s in SEEDS}
     case_flu = rng.normal(6.0, 0.2, N_CASES)
-    nsp_shared = {s: rng.binomial(10, rng.uniform(0.2, 0.6, N_CASES)) / 10.0 for s in SEEDS}
-    case_kl = 0.1 + np.abs(rng.normal(0, 0.1, N_CASES))
+    # CounterFact+ outcomes from a child generator: the draws of every other outcome stay
+    # those the earlier sub-tests were calibrated on (spawning does not advance ``rng``)
+    plus = rng.spawn(1)[0]
+    nsp_shared = {s: plus.binomial(10, plus.uniform(0.2, 0.6, N_CASES)) / 10.0 for s in SEEDS}
+    case_kl = 0.1 + np.abs(plus.normal(0, 0.1, N_CASES))
     manifests, runs = [], []
     for seed in SEEDS:
         base: dict[str, np.ndarray] = {}
@@ -144,14 +147,14 @@ def simulate(sc: Scenario, design: Design, rng: np.random.Generator,
                 0, 0.005, N_CASES) + 0.005 * run
             # CounterFact+: NS+ as Spe (its own base rates); NKL and NKL+ as Flu (nats,
             # lower is better, so MetaKE's shift is added)
-            nsp = nsp_shared[seed] + 0.1 * (rng.binomial(1, 0.05, N_CASES)
-                                           - rng.binomial(1, 0.05, N_CASES))
+            nsp = nsp_shared[seed] + 0.1 * (plus.binomial(1, 0.05, N_CASES)
+                                           - plus.binomial(1, 0.05, N_CASES))
             if arm == "metake" and sc.nsp_shift:
-                nsp = nsp + np.sign(sc.nsp_shift) * 0.1 * rng.binomial(
+                nsp = nsp + np.sign(sc.nsp_shift) * 0.1 * plus.binomial(
                     1, abs(sc.nsp_shift) * 10, N_CASES)
             nsp = np.clip(nsp + 0.05 * run, 0.0, 1.0)
             kl = {k: case_kl * (1 + j) + (sc.kl_shift if arm == "metake" else 0.0)
-                  + rng.normal(0, 0.005, N_CASES) + 0.005 * run
+                  + plus.normal(0, 0.005, N_CASES) + 0.005 * run
                   for j, k in enumerate(("neighborhood_kl", "neighborhood_plus_kl"))}
             align = np.clip(0.7 + rng.normal(0, 0.05, N_CASES), 0, 1)
             kernel = np.clip(0.3 + rng.normal(0, 0.05, N_CASES), 0, 1)

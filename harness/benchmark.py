@@ -317,7 +317,7 @@ def finish(run_dirs: list[Path], grid: str, report_dir: Path | dict[Path, Path] 
     if parts and report_dir is not None:
         from reports.study import write_study
 
-        first = next(d for d in run_dirs if part_of and d in part_of)
+        first = next(iter(parts.values()))[0]  # the first run of the study, in grid order
         out = (report_dir[first] if isinstance(report_dir, dict) else report_dir).parent
         print(f"\nclaims study ({', '.join(f'{k}: {len(v)} runs' for k, v in parts.items())})"
               f":\n" + write_study(parts, out) + f"study: {out / 'study.md'} "

@@ -88,6 +88,17 @@ class Scenario:
     run_sd: float = 0.0
 
 
+def _rate(shared: np.ndarray, shift: float, run: float, rng: np.random.Generator
+          ) -> np.ndarray:
+    """A neighbourhood rate over 10 prompts per case: ``shared`` (the seed's) with one prompt
+    flipping either way in 5% of cases; with ``shift``, one more prompt flips in |shift| * 10
+    of the cases in its direction; the run's shift; clipped to [0, 1]."""
+    rate = shared + 0.1 * (rng.binomial(1, 0.05, N_CASES) - rng.binomial(1, 0.05, N_CASES))
+    if shift:
+        rate = rate + np.sign(shift) * 0.1 * rng.binomial(1, abs(shift) * 10, N_CASES)
+    return np.clip(rate + 0.05 * run, 0.0, 1.0)
+
+
 def simulate(sc: Scenario, design: Design, rng: np.random.Generator,
              arms: list[str] | None = None) -> tuple[list[dict], list[list[dict]]]:
     """(manifests, records per run) of one study."""
@@ -135,24 +146,13 @@ def simulate(sc: Scenario, design: Design, rng: np.random.Generator,
                 y = ref + gain + rng.normal(0, 0.3, N_CASES) + yb / 4
                 if sc.ceiling is not None and arm == "metake":
                     y = np.minimum(sc.ceiling, ref + gain) + rng.normal(0, 0.05, N_CASES)
-            # neighbourhood rates: one prompt flips either way in 5% of cases; MetaKE's
-            # shift: one prompt flips in |shift| * 10 of the cases, in the shift's direction
-            spe = spe_shared[seed] + 0.1 * (rng.binomial(1, 0.05, N_CASES)
-                                           - rng.binomial(1, 0.05, N_CASES))
-            if arm == "metake" and sc.spe_shift:
-                spe = spe + np.sign(sc.spe_shift) * 0.1 * rng.binomial(
-                    1, abs(sc.spe_shift) * 10, N_CASES)
-            spe = np.clip(spe + 0.05 * run, 0.0, 1.0)
+            spe = _rate(spe_shared[seed], sc.spe_shift if arm == "metake" else 0.0, run, rng)
             flu = case_flu + (sc.flu_shift if arm == "metake" else 0.0) + rng.normal(
                 0, 0.005, N_CASES) + 0.005 * run
             # CounterFact+: NS+ as Spe (its own base rates); NKL and NKL+ as Flu (nats,
             # lower is better, so MetaKE's shift is added)
-            nsp = nsp_shared[seed] + 0.1 * (plus.binomial(1, 0.05, N_CASES)
-                                           - plus.binomial(1, 0.05, N_CASES))
-            if arm == "metake" and sc.nsp_shift:
-                nsp = nsp + np.sign(sc.nsp_shift) * 0.1 * plus.binomial(
-                    1, abs(sc.nsp_shift) * 10, N_CASES)
-            nsp = np.clip(nsp + 0.05 * run, 0.0, 1.0)
+            nsp = _rate(nsp_shared[seed], sc.nsp_shift if arm == "metake" else 0.0, run,
+                        plus)
             kl = {k: case_kl * (1 + j) + (sc.kl_shift if arm == "metake" else 0.0)
                   + plus.normal(0, 0.005, N_CASES) + 0.005 * run
                   for j, k in enumerate(("neighborhood_kl", "neighborhood_plus_kl"))}

@@ -33,10 +33,11 @@ generator (:func:`methods.keys.original_context_templates`; NAMET's
 Recorded (``<method>.json``, ``<method>.safetensors``): targets z per case (NAMET: the
 (d, P) matrix of per-prompt targets), the last edited layer's keys per case (ENCORE, NAMET),
 per edited layer a sketch ``(W_end - W_0) @ S`` (S a seeded (d_in, 4) Gaussian) and the
-Frobenius norm of the edit, UltraEdit's normaliser statistics, NSE's ``cache_c`` sketch, and
-the post-edit mean per-token log-probabilities of the harness's CounterFact evaluation of the
-originally edited model (the same scoring code on both sides; scoring itself is checked by
-``tests/test_parity.py``).
+Frobenius norm of the edit, UltraEdit's normaliser statistics, NSE's ``cache_c`` sketch and
+the number of neurons each of its writes selected (``neuron_counts``, one per layer and
+round), and the post-edit mean per-token log-probabilities of the harness's CounterFact
+evaluation of the originally edited model (the same scoring code on both sides; scoring itself
+is checked by ``tests/test_parity.py``).
 """
 
 from __future__ import annotations
@@ -255,6 +256,17 @@ def run_nse(model, tok, records, args, templates, C0, rec: Recorder) -> dict[str
     requests = [{"case_id": r["case_id"], **r["requested_rewrite"]} for r in records]
     tmp = tempfile.mkdtemp()
     template = str(Path(tmp) / "case_layer_{}_clamp_{}_case_{}.npz")
+    # the neurons each write selected, in call order: the size of the release's one solve per
+    # layer and round (at neuron_threshold 1 whether the smallest-score neuron is kept is
+    # decided by the rounding of the last cumulative sum, i.e. by the keys' last bits)
+    counts: list[int] = []
+    solve = torch.linalg.solve
+
+    def counting_solve(A, B, *a, **k):
+        counts.append(int(A.shape[-1]))
+        return solve(A, B, *a, **k)
+
+    patch(torch.linalg, "solve", counting_solve, undo)
     try:
         for r in requests:  # evaluate.py: every target on the unedited model, cached
             z = mz.compute_z(model, tok, r, hp, hp.layers[-1], templates)
@@ -272,7 +284,7 @@ def run_nse(model, tok, records, args, templates, C0, rec: Recorder) -> dict[str
     finally:
         unpatch(undo)
     return {"batches": [[r["case_id"] for r in b] for b in order], "hparams_file": file,
-            "hparams_changed": changed}
+            "hparams_changed": changed, "neuron_counts": counts}
 
 
 def run_namet(model, tok, records, args, templates, C0, rec: Recorder) -> dict[str, Any]:

@@ -72,6 +72,21 @@ def test_paper_grid_runs_the_large_models_in_bfloat16():
     assert dtypes == {"gpt2-xl": "float32", "gpt-j-6b": "bfloat16", "llama3-8b": "bfloat16"}
 
 
+@pytest.mark.parametrize("name", sorted(g.stem for g in GRIDS.glob("*.yaml")))
+def test_every_cell_of_a_shipped_grid_has_its_hparams_file(name):
+    """Every cell's method has a file for its model and preset (a faithful run without one
+    would silently take the dataclass defaults), e.g. the lifelong methods in ``paper``."""
+    from methods import get_method
+    from methods.base import load_hparams
+
+    for entry in load_grid(name):
+        for c in entry.configs():
+            if c.hparams is None and c.method != "noop":  # noop has no parameters
+                _, source = load_hparams(get_method(c.method).Hparams, c.method, c.model,
+                                         preset=c.preset)
+                assert source.endswith(".yaml"), (c.method, c.model, source)
+
+
 def test_an_empty_axis_is_refused(tmp_path):
     with pytest.raises(UserError, match="methods empty: name at least one"):
         load_grid(write(tmp_path, {**BASE, "methods": []}))

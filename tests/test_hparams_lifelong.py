@@ -46,6 +46,15 @@ NO_COUNTERPART = {
     "token": "UltraEdit's key tokens: 'ans' (the answer positions), the only ones implemented",
     "editor.batch_size": "UltraEdit's normalisation chunks: a row-wise operation, no effect",
     "half": "the model's dtype is the run's --dtype",
+    "emmet_lambda": "in ENCORE's GPT-2 XL file; read by no ENCORE code (EMMET's own lambda)",
+    **{k: "ENCORE's gradient-descent variant only (use_gd, off in every released file)"
+       for k in ("dynamic_multiplier", "grad_desc_lr", "grad_desc_steps", "gd_lambda",
+                 "spectral_norm", "condition_num")},
+    "calculate_norms": "ENCORE's diagnostic printout, off in the released file",
+    "calculate_objective_value": "ENCORE's objective printout (and a statistics recompute for "
+                                 "it), off in the released file",
+    "random_vector_preservation": "read only by the release's dynamic statistics "
+                                  "(rome/layer_stats_dynamic.py), not by ENCORE's edit",
 }
 READS_LAMBDA = ("memit", "encore", "nse", "namet", "prune", "rect", "emmet", "memit-blue")
 
@@ -85,14 +94,26 @@ LOWER = ("v_lr", "v_num_grad_steps", "v_weight_decay", "kl_factor", "clamp_norm_
          "context_templates", "key_averaging", "stats_sampling", "stats_records")
 
 
-@pytest.mark.parametrize("model", SHAPES)
+#: the published models of the paper grid (GPT-2 XL, GPT-J-6B, Llama-3-8B-Instruct)
+PAPER = ["gpt2-xl", "gpt-j-6b", "llama3-8b"]
+#: files that are a release of the method itself (ENCORE, NSE: the test above; EMMET: its
+#: published GPT-2 XL and GPT-J settings, as their headers say, not the derivation rule)
+OWN_RELEASE = {f"{m}/{model}" for m in ("encore", "nse")
+               for model in ("llama3.1-8b-instruct", "llama3-8b", "gpt2-xl")} | {
+    "nse/gpt-j-6b", "emmet/gpt2-xl", "emmet/gpt-j-6b"}
+
+
+@pytest.mark.parametrize("model", SHAPES + PAPER)
 @pytest.mark.parametrize("method", sorted(PARENT))
 def test_derived_files_take_the_models_parent_file(model, method):
     """Without a released file of its own a method takes the model's faithful parent file
     (MEMIT's or AlphaEdit's) unchanged in its target step and statistics, and its layers (BLUE:
-    the window's boundary layers). The released ENCORE and NSE Llama-3 files are their own."""
-    if model == "llama3.1-8b-instruct" and method in ("encore", "nse"):
+    the window's boundary layers). The released ENCORE and NSE files are their own."""
+    if f"{method}/{model}" in OWN_RELEASE:
         pytest.skip("a released file of the method itself (test above)")
+    if not (HPARAMS_DIR / method / f"{model}.yaml").is_file():
+        assert model in PAPER, f"{method} has no file for {model}"
+        pytest.skip(f"{method} ships no {model} file (only the lifelong methods do)")
     parent = PARENT[method]
     base, _ = load_hparams(get_method(parent).Hparams, parent, model)
     hp, _ = load_hparams(get_method(method).Hparams, method, model)

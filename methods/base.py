@@ -229,8 +229,9 @@ def load_hparams(cls: type, method: str, model: str, path: str | Path | None = N
     behaviour) or ``<model>-tuned.yaml`` (``tuned``: this harness's improved settings), with
     ``<model>`` the model name (``/`` and ``:`` as ``_``) or its family (``gpt2-xl`` for
     ``openai-community/gpt2-xl`` or ``random:gpt2-xl``; :func:`harness.models.model_family`);
-    else ``default.yaml``, else the dataclass defaults; then ``overrides``. A method with
-    tuned file for this model is an error under ``tuned``, except the one-setting methods
+    else ``default.yaml``, else the dataclass defaults (an error for a real published model,
+    whose defaults would be no published setting); then ``overrides``. A method with
+    no tuned file for this model is an error under ``tuned``, except the one-setting methods
     :data:`SINGLE_SETTING` (ft, noop), which use their files under either preset.
     Returns (hparams, source)."""
     if preset not in PRESETS:
@@ -258,6 +259,14 @@ def load_hparams(cls: type, method: str, model: str, path: str | Path | None = N
                           for p in (HPARAMS_DIR / method).glob(f"*{suffix}.yaml"))
             raise UserError(f"--preset {preset}: method {method!r} has no {preset} hparams for "
                             f"model {model!r} (it has: {', '.join(have) or 'none'})")
+        published = model_family(model) if not model.startswith("random:") else None
+        if path is None and published and method != "noop":
+            # the dataclass defaults are no published setting of a real published model
+            have = sorted(p.stem for p in (HPARAMS_DIR / method).glob("*.yaml"))
+            raise UserError(f"method {method!r} ships no hparams for the published model "
+                            f"{published!r} (methods/hparams/{method}/ has: "
+                            f"{', '.join(have) or 'none'}): pass --hparams FILE with the "
+                            f"setting to run")
     if path is not None:
         p = Path(path)
         if not p.exists():

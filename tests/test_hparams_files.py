@@ -174,3 +174,18 @@ def test_tuned_preset_without_a_tuned_file_is_an_error_except_for_one_setting_me
     assert source.endswith("ft/smollm2-135m.yaml")
     _, source = load_hparams(get_method("rome").Hparams, "rome", "smollm2-135m", preset="tuned")
     assert source.endswith("rome/smollm2-135m-tuned.yaml")
+
+
+def test_a_published_model_without_a_file_is_refused_not_defaulted():
+    """EMMET released no Llama-3-8B file: a faithful run on the real model (short name or hub
+    id) stops with the files there are, instead of silently running the dataclass defaults;
+    a random model of that shape (edits that mean nothing) still takes them."""
+    cls = get_method("emmet").Hparams
+    for model in ("llama3-8b", "meta-llama/Meta-Llama-3-8B-Instruct"):
+        with pytest.raises(UserError, match=r"'emmet' ships no hparams for the published "
+                                            r"model 'llama3-8b' .*gpt2-xl.*pass --hparams"):
+            load_hparams(cls, "emmet", model)
+    _, source = load_hparams(cls, "emmet", "random:llama3-8b")
+    assert source == "dataclass defaults"
+    _, source = load_hparams(get_method("noop").Hparams, "noop", "llama3-8b")
+    assert source == "dataclass defaults"

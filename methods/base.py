@@ -242,7 +242,8 @@ def load_hparams(cls: type, method: str, model: str, path: str | Path | None = N
         from harness.models import model_family
 
         suffix = "" if preset == "faithful" else f"-{preset}"
-        stems = [model.replace("/", "_").replace(":", "_"), model_family(model)]
+        family = model_family(model)
+        stems = [model.replace("/", "_").replace(":", "_"), family]
         cands = [HPARAMS_DIR / method / f"{st}{suffix}.yaml" for st in stems if st]
         presetless = preset != "faithful" and method in SINGLE_SETTING
         if presetless:  # a method with one setting only (ft, noop): the preset does not apply
@@ -250,23 +251,18 @@ def load_hparams(cls: type, method: str, model: str, path: str | Path | None = N
             cands = [HPARAMS_DIR / method / f"{st}.yaml" for st in stems if st]
         if preset == "faithful" or presetless:
             cands.append(HPARAMS_DIR / method / "default.yaml")
-        for cand in cands:
-            if cand.exists():
-                path = cand
-                break
-        if path is None and preset != "faithful" and not presetless:
-            have = sorted(p.stem.removesuffix(suffix)
-                          for p in (HPARAMS_DIR / method).glob(f"*{suffix}.yaml"))
-            raise UserError(f"--preset {preset}: method {method!r} has no {preset} hparams for "
-                            f"model {model!r} (it has: {', '.join(have) or 'none'})")
-        published = model_family(model) if not model.startswith("random:") else None
-        if path is None and published and method != "noop":
-            # the dataclass defaults are no published setting of a real published model
-            have = sorted(p.stem for p in (HPARAMS_DIR / method).glob("*.yaml"))
-            raise UserError(f"method {method!r} ships no hparams for the published model "
-                            f"{published!r} (methods/hparams/{method}/ has: "
-                            f"{', '.join(have) or 'none'}): pass --hparams FILE with the "
-                            f"setting to run")
+        path = next((cand for cand in cands if cand.exists()), None)
+        if path is None:
+            have = ", ".join(sorted(p.stem.removesuffix(suffix) for p in
+                                    (HPARAMS_DIR / method).glob(f"*{suffix}.yaml"))) or "none"
+            if preset != "faithful" and not presetless:
+                raise UserError(f"--preset {preset}: method {method!r} has no {preset} hparams "
+                                f"for model {model!r} (it has: {have})")
+            if family and not model.startswith("random:") and method != "noop":
+                # the dataclass defaults are no published setting of a real published model
+                raise UserError(f"method {method!r} ships no hparams for the published model "
+                                f"{family!r} (methods/hparams/{method}/ has: {have}): pass "
+                                f"--hparams FILE with the setting to run")
     if path is not None:
         p = Path(path)
         if not p.exists():

@@ -38,19 +38,26 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def edited_layers(hparams: Any) -> list[int]:
-    """Layers whose rewrite matrix a method may change (hparams field ``layers``)."""
-    return list(getattr(hparams, "layers", []) or [])
+def edited_weights(lm: LoadedModel, hparams: Any) -> dict[str, torch.Tensor]:
+    """Live (d_out, d_in) views of every weight a method may change, by checkpoint key: the
+    rewrite matrix of each of the hparams' ``layers`` (``weight.<layer>``) and each linear
+    module named in ``edit_modules`` (``weight.<name>``; UltraEdit's gate/up projections).
+    Fetched afresh at each use, so a method that replaces a parameter is still followed."""
+    views = {f"weight.{layer}": lm.rewrite_weight(layer)
+             for layer in getattr(hparams, "layers", []) or []}
+    views.update({f"weight.{name}": lm.linear_weight(name)
+                  for name in getattr(hparams, "edit_modules", []) or []})
+    return views
 
 
-def _snapshot(lm: LoadedModel, layers: list[int]) -> dict[int, torch.Tensor]:
-    return {layer: lm.rewrite_weight(layer).detach().clone() for layer in layers}
+def snapshot_weights(lm: LoadedModel, hparams: Any) -> dict[str, torch.Tensor]:
+    return {k: w.detach().clone() for k, w in edited_weights(lm, hparams).items()}
 
 
-def _restore(lm: LoadedModel, snap: dict[int, torch.Tensor]) -> None:
+def restore_weights(lm: LoadedModel, hparams: Any, snap: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for layer, w in snap.items():
-            lm.rewrite_weight(layer).copy_(w)
+        for k, w in edited_weights(lm, hparams).items():
+            w.copy_(snap[k])
 
 
 def _batches(items: list[EditRequest], size: int) -> list[list[EditRequest]]:
@@ -170,7 +177,7 @@ def _edit_batch(p: Prepared, lm: LoadedModel, batch: list[EditRequest],
     return outcome, None
 
 
-def _edit_and_evaluate(p: Prepared, lm: LoadedModel, original: dict[int, torch.Tensor],
+def _edit_and_evaluate(p: Prepared, lm: LoadedModel, original: dict[str, torch.Tensor],
                        saved: tuple[ckpt.Progress, dict[str, torch.Tensor]] | None,
                        log: Callable[[str], None] = print) -> dict[str, float]:
     """The loop proper, from the checkpoint ``saved`` if given; records go to records.jsonl.
@@ -178,7 +185,6 @@ def _edit_and_evaluate(p: Prepared, lm: LoadedModel, original: dict[int, torch.T
     probe_s and the method's own edit_<phase>."""
     cfg = p.cfg
     records_path, curve_path = p.run_dir / rec_io.RECORDS, p.run_dir / CURVE
-    layers = edited_layers(p.hparams)
     timings: dict[str, float] = {"edit_s": 0.0, "evaluate_s": 0.0, "reference_s": 0.0,
                                  "downstream_s": 0.0, "downstream_examples": 0, "probe_s": 0.0}
     lm.info["seed"] = cfg.seed  # methods draw their context prefixes from the run's seed
@@ -203,9 +209,9 @@ def _edit_and_evaluate(p: Prepared, lm: LoadedModel, original: dict[int, torch.T
         ckpt.truncate_lines(records_path, prog.records_lines)
         ckpt.truncate_lines(curve_path, prog.curve_lines)
         with torch.no_grad():
-            for layer in layers:
-                if f"weight.{layer}" in tensors:
-                    lm.rewrite_weight(layer).copy_(tensors[f"weight.{layer}"])
+            for k, w in edited_weights(lm, p.hparams).items():
+                if k in tensors:
+                    w.copy_(tensors[k])
         state = {k[len("state."):]: v.to(lm.device) for k, v in tensors.items()
                  if k.startswith("state.")}
         ckpt.set_rng_state(prog.rng, tensors)
@@ -220,7 +226,7 @@ def _edit_and_evaluate(p: Prepared, lm: LoadedModel, original: dict[int, torch.T
             return
         prog.rng, tensors = ckpt.rng_state()
         if cfg.sequential:
-            tensors.update({f"weight.{layer}": lm.rewrite_weight(layer) for layer in layers})
+            tensors.update(edited_weights(lm, p.hparams))
             tensors.update({f"state.{k}": v for k, v in state.items()})
         ckpt.save(p.run_dir, prog, tensors)
 
@@ -256,7 +262,7 @@ def _edit_and_evaluate(p: Prepared, lm: LoadedModel, original: dict[int, torch.T
     todo = range(prog.batches_done, len(batches)) if prog.final_evaluated is None else range(0)
     for b in tqdm(todo, desc=f"{cfg.method} edit", unit="batch"):
         batch, first = batches[b], b * cfg.batch_size
-        before = _snapshot(lm, layers) if cfg.sequential else original
+        before = snapshot_weights(lm, p.hparams) if cfg.sequential else original
         t0 = time.perf_counter()
         outcome, error = _edit_batch(p, lm, batch, state)
         if lm.device.type == "cuda":
@@ -278,14 +284,14 @@ def _edit_and_evaluate(p: Prepared, lm: LoadedModel, original: dict[int, torch.T
                                f"--stop-on-error; without it the cases are recorded as failed)")
             log(f"{cfg.method} failed on {where}: {error}; cases recorded as failed, "
                 f"weights restored to before the batch")
-            _restore(lm, before)
+            restore_weights(lm, p.hparams, before)
             entries = [{"index": first + j, "batch": b, "error": error}
                        for j in range(len(batch))]
         if not cfg.sequential:
             evaluate(entries)
             if curve and b == len(batches) - 1:
                 checkpoint(first + len(batch), b + 1, len(batch) if error is None else 0)
-            _restore(lm, original)
+            restore_weights(lm, p.hparams, original)
         else:
             prog.pending += entries
             if cfg.eval_every > 0 and (b + 1) % cfg.eval_every == 0:

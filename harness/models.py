@@ -171,6 +171,22 @@ class LoadedModel:
         w = self.module(self.spec.rewrite(layer)).weight
         return w.T if self.spec.conv1d else w
 
+    def linear_weight(self, name: str) -> torch.Tensor:
+        """The weight of the linear module ``name`` (a full name of the model, as
+        ``model.layers.11.mlp.gate_proj``) as (d_out, d_in), a view of the live parameter;
+        GPT-2's ``Conv1D`` (stored (d_in, d_out)) transposed. One line if there is no such
+        linear module."""
+        try:
+            mod = self.module(name)
+        except AttributeError:
+            raise UserError(f"{self.name} has no module {name!r} (names as the model's "
+                            f"named_modules(), e.g. {self.spec.rewrite(0)!r})") from None
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise UserError(f"module {name!r} of {self.name} is a {type(mod).__name__}, "
+                            f"not a linear layer with a 2-d weight")
+        return w.T if type(mod).__name__ == "Conv1D" else w
+
     def apply_delta(self, layer: int, delta: torch.Tensor) -> None:
         """W <- W + delta for a (d_out, d_in) update, in place, in the weight's dtype."""
         with torch.no_grad():

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from harness.errors import UserError
+from harness.loop import restore_weights, snapshot_weights
 from harness.models import load_model
 from harness.records import device_description, package_versions, peak_memory
 
@@ -86,15 +87,12 @@ def measure(model: str, device: str, dtype: str, methods: list[str], n_cases: in
         hp, _ = load_hparams(mod.Hparams, name, model)
         if hasattr(hp, "stats_tokens"):
             hp.stats_tokens = stats_tokens
-        if hasattr(hp, "layers"):
+        if getattr(hp, "layers", None):  # a file's layers beyond a smaller model's depth
             hp.layers = [layer for layer in hp.layers if layer < lm.n_layers] or [0]
-        snap = {layer: lm.rewrite_weight(layer).detach().clone()
-                for layer in getattr(hp, "layers", [])}
+        snap = snapshot_weights(lm, hp)
         outcome, total = _timed(lm, lambda mod=mod, hp=hp, batch=batch: mod.edit(lm, batch, hp,
                                                                               {}))
-        with torch.no_grad():
-            for layer, w in snap.items():
-                lm.rewrite_weight(layer).copy_(w)
+        restore_weights(lm, hp, snap)
         key = f"edit:{name}" if len(sizes) == 1 else f"edit:{name}@{size}"
         ph[key] = {"s_per_edit": total / len(batch), "batch": len(batch),
                    **{k: v / len(batch) for k, v in outcome.timings.items()}}

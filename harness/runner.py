@@ -54,11 +54,10 @@ from harness.loop import (
     PROBE_SIZE,
     RunError,
     _edit_and_evaluate,
-    _restore,
-    _snapshot,
     capture_nondeterminism,
-    edited_layers,
+    restore_weights,
     seed_everything,
+    snapshot_weights,
 )
 from harness.models import LoadedModel, load_model, sha256_file
 from harness.prepare import Prepared, check_model, prepare, wants_curve
@@ -212,7 +211,7 @@ def _execute(p: Prepared, lm: LoadedModel, manifest: dict[str, Any], timings: di
     """The edit/evaluate loop of a new or resumed run, then the final manifest."""
     cfg = p.cfg
     nondeterministic: set[str] = set(manifest.get("nondeterministic_ops") or [])
-    original = _snapshot(lm, edited_layers(p.hparams))
+    original = snapshot_weights(lm, p.hparams)
     try:
         with capture_nondeterminism(nondeterministic):
             loop_timings = _edit_and_evaluate(p, lm, original, saved, log)
@@ -222,7 +221,8 @@ def _execute(p: Prepared, lm: LoadedModel, manifest: dict[str, Any], timings: di
         rec_io.write_json(p.run_dir / rec_io.MANIFEST, manifest)
         raise
     finally:
-        _restore(lm, original)  # the caller's model leaves unedited, whatever happened
+        # the caller's model leaves unedited, whatever happened
+        restore_weights(lm, p.hparams, original)
 
     n = len(p.requests)
     edit_s, eval_s = loop_timings["edit_s"], loop_timings["evaluate_s"]

@@ -6,6 +6,7 @@ files, layer indices and prompt lengths against the model's config. Each failure
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,16 @@ def _layer_values(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
+def module_layer(name: str) -> int | None:
+    """The block index in a full module name (``model.layers.11.mlp.gate_proj`` -> 11,
+    ``transformer.h.18.mlp.fc_out`` -> 18), None if it names none."""
+    m = re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
 def check_layers(hparams: Any, n_layers: int, model: str) -> None:
-    """Every layer index in the hparams (:data:`LAYER_FIELDS`) lies in ``0..n_layers-1``."""
+    """Every layer index in the hparams (:data:`LAYER_FIELDS`, and the blocks of the modules
+    ``edit_modules`` names) lies in ``0..n_layers-1``."""
     for name in LAYER_FIELDS:
         bad = [v for v in _layer_values(getattr(hparams, name, None))
                if not isinstance(v, int) or not 0 <= v < n_layers]
@@ -99,6 +108,11 @@ def check_layers(hparams: Any, n_layers: int, model: str) -> None:
             raise UserError(f"hparams: field {name!r}: layer(s) {bad} outside 0..{n_layers - 1} "
                             f"({model} has {n_layers} layers); set e.g. --set "
                             f"{name}=[{n_layers // 2}]")
+    bad_modules = [m for m in getattr(hparams, "edit_modules", None) or []
+                   if (i := module_layer(m)) is not None and not 0 <= i < n_layers]
+    if bad_modules:
+        raise UserError(f"hparams: field 'edit_modules': {bad_modules} outside layers "
+                        f"0..{n_layers - 1} ({model} has {n_layers} layers)")
 
 
 def check_lengths(requests: Sequence[Any], tokenizer: Any, n_ctx: int | None, data: Path,

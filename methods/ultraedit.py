@@ -8,7 +8,9 @@ tuples; the batch is first sorted by sequence length, longest first, as its coll
 
 1. one forward/backward of the cross-entropy of ``target_new`` after the rewrite prompt (the
    mean over the chunk's target tokens, teacher forced) on the current model; at every edited
-   module (the rewrite matrix W of each of ``layers``) keep, for each *answer position* (the
+   module (the release's ``edit_modules``: linear modules by full name, as Llama-3's
+   ``model.layers.11.mlp.gate_proj``; without them, the rewrite matrix W of each of
+   ``layers``) keep, for each *answer position* (the
    positions predicting a target token), its input k (d_in) and the gradient g of the loss
    with respect to its output (d_out);
 2. the lifelong normaliser (running mean and variance of the concatenated features [k; g],
@@ -29,11 +31,11 @@ W += Delta once all are computed. The statistics are the only state carried
 Differences from the release, none of which changes a number here: the release solves the
 (d_in, d_in) system (the push-through form above solves (N, N)); it chunks the normalisation
 into editor batches (a row-wise operation). The release edits ``gate_proj``/``up_proj`` for
-Llama-3 and Qwen2.5 (``down_proj`` for Mistral, ``fc_out`` for GPT-J): this harness restores
-and checkpoints only the rewrite matrices of ``layers`` (``harness/loop.py``), so only those
-can be edited; methods/hparams/README.md says which files differ for that reason. The
-toolkit EasyEdit's port reads keys at every prompt token (``token: mask``); the release
-and this module read them at the answer positions (``token: ans``).
+Llama-3 and Qwen2.5 (``down_proj`` for Mistral, ``fc_out`` for GPT-J); the files for those
+models name the same modules in ``edit_modules``, which the loop snapshots, restores and
+checkpoints with the rewrite matrices (``harness.loop.edited_weights``). The toolkit
+EasyEdit's port reads keys at every prompt token (``token: mask``); the release and this
+module read them at the answer positions (``token: ans``).
 """
 
 from __future__ import annotations
@@ -62,20 +64,31 @@ NAME = "ultraedit"
 
 @dataclass
 class Hparams:
-    """``layers``: the edited rewrite matrices; ``lr``: the value-feature step (the release's
-    ``editor.lr``); ``chunk_size``: requests per forward/backward and per normaliser update
-    (the release's ``dataset.batch_size``); ``ridge``: the closed form's ridge (1 in the
-    release); ``solve_dtype``: dtype of the solve."""
+    """``layers``: the edited rewrite matrices; ``edit_modules``: instead of them, linear
+    modules by full name, edited in this order (the release's ``model.edit_modules``);
+    ``lr``: the value-feature step (the release's ``editor.lr``); ``chunk_size``: requests
+    per forward/backward and per normaliser update (the release's ``dataset.batch_size``);
+    ``ridge``: the closed form's ridge (1 in the release); ``solve_dtype``: dtype of the
+    solve."""
 
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    edit_modules: list[str] = field(default_factory=list)
     lr: float = 1e-6
     chunk_size: int = 10
     ridge: float = 1.0
     solve_dtype: str = "float64"
 
     def validate(self) -> None:
-        if not self.layers:
-            raise UserError("hparams: 'layers' must name at least one layer")
+        if self.edit_modules:
+            if self.layers:
+                raise UserError("hparams: give 'layers' (rewrite matrices) or 'edit_modules' "
+                                "(modules by name), not both; with edit_modules set layers: []")
+            if len(set(self.edit_modules)) != len(self.edit_modules):
+                raise UserError(f"hparams: 'edit_modules' names a module twice: "
+                                f"{self.edit_modules}")
+        elif not self.layers:
+            raise UserError("hparams: 'layers' must name at least one layer "
+                            "(or 'edit_modules' at least one module)")
         if sorted(set(self.layers)) != list(self.layers):
             raise UserError(f"hparams: 'layers' must be strictly increasing, got {self.layers}")
         if self.chunk_size < 1 or self.ridge <= 0:
@@ -108,34 +121,40 @@ def chunks_by_length(lm: LoadedModel, requests: list[EditRequest], size: int
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-def keys_and_grads(lm: LoadedModel, requests: list[EditRequest], layers: list[int]
-                   ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
-    """One forward/backward of the chunk's mean target cross-entropy. Per layer: keys
-    (N, d_in) and output gradients (N, d_out) of its rewrite module at the N answer positions
-    (float32, row order = the packed target tokens); and the per-request mean NLL (n,)."""
+def edited_modules(lm: LoadedModel, hp: Hparams) -> list[str]:
+    """Full names of the edited modules, in the order they are edited: ``edit_modules``, or
+    the rewrite module of each of ``layers``."""
+    return list(hp.edit_modules) or [lm.spec.rewrite(layer) for layer in hp.layers]
+
+
+def keys_and_grads(lm: LoadedModel, requests: list[EditRequest], names: list[str]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """One forward/backward of the chunk's mean target cross-entropy. Per module of ``names``
+    (full names): its input keys (N, d_in) and output gradients (N, d_out) at the N answer
+    positions (float32, row order = the packed target tokens); and the per-request mean NLL
+    (n,)."""
     tok = lm.tokenizer
     batch = pack(tok, [encode_pair(tok, r.rewrite_prompt, r.target_new) for r in requests],
                  lm.device)
-    names = {layer: lm.spec.rewrite(layer) for layer in layers}
-    keys: dict[int, torch.Tensor] = {}
-    grads: dict[int, torch.Tensor] = {}
+    keys: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
     handles = []
 
-    def hooks(layer: int) -> Any:
+    def hooks(name: str) -> Any:
         def fwd(_mod: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
-            keys[layer] = args[0][batch.rows, batch.cols].detach().float()
+            keys[name] = args[0][batch.rows, batch.cols].detach().float()
 
             def grab(g: torch.Tensor) -> None:
-                grads[layer] = g[batch.rows, batch.cols].detach().float()
+                grads[name] = g[batch.rows, batch.cols].detach().float()
 
             out.register_hook(grab)
         return fwd
 
-    weights = [lm.module(names[layer]).weight for layer in layers]
+    weights = [lm.module(name).weight for name in names]
     flags = [w.requires_grad for w in weights]
     try:
-        for layer in layers:
-            handles.append(lm.module(names[layer]).register_forward_hook(hooks(layer)))
+        for name in names:
+            handles.append(lm.module(name).register_forward_hook(hooks(name)))
         for w in weights:  # the graph must reach the edited modules' outputs (as the release)
             w.requires_grad_(True)
         with torch.enable_grad():
@@ -171,34 +190,36 @@ def edit(lm: LoadedModel, requests: list[EditRequest], hparams: Hparams,
     bad = [layer for layer in hp.layers if not 0 <= layer < lm.n_layers]
     if bad:
         raise UserError(f"hparams: layers {bad} outside 0..{lm.n_layers - 1} for {lm.name}")
+    names = edited_modules(lm, hp)
+    weights = {name: lm.linear_weight(name) for name in names}  # (d_out, d_in) views
     timings: dict[str, float] = {}
     sdt = resolve_dtype(hp.solve_dtype)
     new_state = dict(state)
     t0 = time.perf_counter()
-    K: dict[int, list[torch.Tensor]] = {layer: [] for layer in hp.layers}
-    G: dict[int, list[torch.Tensor]] = {layer: [] for layer in hp.layers}
+    K: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    G: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     nll0 = torch.full((len(requests),), float("nan"))
     n_tokens = [0] * len(requests)
     for chunk in chunks_by_length(lm, requests, hp.chunk_size):
         reqs = [requests[i] for i in chunk]
-        keys, grads, nll = keys_and_grads(lm, reqs, hp.layers)
+        keys, grads, nll = keys_and_grads(lm, reqs, names)
         for j, i in enumerate(chunk):
             nll0[i] = float(nll[j])
-        for layer in hp.layers:  # the release: module after module, per chunk
-            k, g = keys[layer], grads[layer]
+        for name in names:  # the release: module after module, per chunk
+            k, g = keys[name], grads[name]
             key = stats_key(k.shape[1], g.shape[1])
             n, mean, var = _stats(new_state, key, k.shape[1] + g.shape[1], k.device)
             n, mean, var = lifelong_stats_update(n, mean, var, torch.cat([k, g], 1))
             new_state.update({f"{key}.n": n, f"{key}.mean": mean, f"{key}.var": var})
-            K[layer].append(k)
-            G[layer].append(g)
+            K[name].append(k)
+            G[name].append(g)
     for i, r in enumerate(requests):
         n_tokens[i] = len(encode_pair(lm.tokenizer, r.rewrite_prompt, r.target_new)[1])
     timings["gradient_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    deltas: dict[int, torch.Tensor] = {}
-    for layer in hp.layers:
-        k, g = torch.cat(K[layer]), torch.cat(G[layer])  # (N, d_in), (N, d_out)
+    deltas: dict[str, torch.Tensor] = {}
+    for name in names:
+        k, g = torch.cat(K[name]), torch.cat(G[name])  # (N, d_in), (N, d_out)
         key = stats_key(k.shape[1], g.shape[1])
         z = lifelong_normalize(torch.cat([k, g], 1), new_state[f"{key}.n"],
                                new_state[f"{key}.mean"], new_state[f"{key}.var"])
@@ -206,10 +227,12 @@ def edit(lm: LoadedModel, requests: list[EditRequest], hparams: Hparams,
         V = ultraedit_values(k_hat.T.to(sdt), g_hat.T.to(sdt), hp.lr)  # (d_out, N)
         delta = V @ ultraedit_A(k.T.to(sdt), hp.ridge)  # (d_out, d_in)
         if not bool(torch.isfinite(delta).all()):
-            raise NumericalError(f"non-finite update at layer {layer}")
-        deltas[layer] = delta
-    for layer, delta in deltas.items():
-        lm.apply_delta(layer, delta)
+            raise NumericalError(f"non-finite update at {name}")
+        deltas[name] = delta
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            w = weights[name]
+            w.add_(delta.to(device=w.device, dtype=w.dtype))
     timings["write_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     nll1 = target_nll(lm, requests).cpu()

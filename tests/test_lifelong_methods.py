@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -350,7 +351,8 @@ def test_ultraedit_keys_and_gradients_and_the_shared_normaliser(tiny_lm, cf, res
     from harness.scoring import encode_pair, pack, unembed
 
     reqs = cf[:3]
-    keys, grads, _ = ultraedit.keys_and_grads(tiny_lm, reqs, [1, 2])
+    names = {layer: tiny_lm.spec.rewrite(layer) for layer in (1, 2)}
+    keys, grads, _ = ultraedit.keys_and_grads(tiny_lm, reqs, list(names.values()))
     tok = tiny_lm.tokenizer
     batch = pack(tok, [encode_pair(tok, r.rewrite_prompt, r.target_new) for r in reqs],
                  tiny_lm.device)
@@ -373,8 +375,10 @@ def test_ultraedit_keys_and_gradients_and_the_shared_normaliser(tiny_lm, cf, res
         for hd in handles:
             hd.remove()
     for layer in (1, 2):
-        torch.testing.assert_close(keys[layer], ins[layer][batch.rows, batch.cols].detach())
-        torch.testing.assert_close(grads[layer], outs[layer].grad[batch.rows, batch.cols])
+        torch.testing.assert_close(keys[names[layer]],
+                                   ins[layer][batch.rows, batch.cols].detach())
+        torch.testing.assert_close(grads[names[layer]],
+                                   outs[layer].grad[batch.rows, batch.cols])
     hp = hparams_from_dict(ultraedit.Hparams, {"layers": [1, 2], "lr": 1e-3, "chunk_size": 2})
     out = ultraedit.edit(tiny_lm, reqs, hp, {})
     d_out, d_in = tiny_lm.rewrite_weight(1).shape
@@ -383,6 +387,81 @@ def test_ultraedit_keys_and_gradients_and_the_shared_normaliser(tiny_lm, cf, res
     assert ultraedit.chunks_by_length(tiny_lm, reqs, 2)[0][0] == int(np.argmax(
         [len(p) + len(t) for p, t in (encode_pair(tok, r.rewrite_prompt, r.target_new)
                                       for r in reqs)]))
+
+
+#: the release's kind of UltraEdit modules (Llama-3, Qwen2.5): a gate and an up projection
+GATE_UP = ["model.layers.1.mlp.gate_proj", "model.layers.2.mlp.up_proj"]
+
+
+def _ultra_cfg(tmp_path, sequential: bool) -> RunConfig:
+    return RunConfig(model="random:llama-tiny", method="ultraedit", suite="counterfact",
+                     n_edits=4, batch_size=2, sequential=sequential, device="cpu",
+                     out_dir=str(tmp_path), run_id="r",
+                     hparams_overrides={"layers": [], "edit_modules": GATE_UP, "lr": 1e-3})
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_ultraedit_edits_the_named_gate_and_up_projections(tmp_path, monkeypatch, tiny_lm,
+                                                           sequential):
+    """With ``edit_modules`` (the release's Llama-3/Qwen2.5 setting) UltraEdit changes those
+    modules and nothing else; gate and up (same shape) share one normaliser; batch mode
+    starts every batch from the unedited model and the runner hands the model back
+    unedited: the loop snapshots and restores named modules, not only rewrite matrices."""
+    full = {n: p.detach().clone() for n, p in tiny_lm.model.named_parameters()}
+    calls: list[dict] = []
+    original_edit = ultraedit.edit
+
+    def spy(lm, requests, hparams, state):
+        fresh = all(torch.equal(full[n], p) for n, p in lm.model.named_parameters())
+        out = original_edit(lm, requests, hparams, state)
+        moved = sorted(n for n, p in lm.model.named_parameters() if not torch.equal(full[n], p))
+        calls.append({"fresh": fresh, "moved": moved, "state": dict(out.state)})
+        return out
+
+    monkeypatch.setattr(ultraedit, "edit", spy)
+    run_dir = run(_ultra_cfg(tmp_path, sequential), lm=tiny_lm, log=lambda s: None)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["summary"]["n_failed"] == 0
+    assert [c["moved"] for c in calls] == [[f"{m}.weight" for m in GATE_UP]] * 2
+    assert [c["fresh"] for c in calls] == [True, not sequential]
+    d_in, d_out = tiny_lm.model.config.hidden_size, tiny_lm.model.config.intermediate_size
+    key = ultraedit.stats_key(d_in, d_out)
+    assert sorted(calls[0]["state"]) == [f"{key}.{s}" for s in ("mean", "n", "var")]
+    assert all(torch.equal(full[n], p) for n, p in tiny_lm.model.named_parameters())
+
+
+def test_ultraedit_named_modules_survive_a_crash_and_resume(tmp_path, monkeypatch, tiny_lm):
+    """A sequential run killed while saving batch 2, then resumed, gives the records of an
+    uninterrupted run: the checkpoint holds the gate and up weights batch 1 wrote."""
+    from harness import checkpoint as ckpt
+    from harness.runner import resume
+    from tests.test_resume import _Crash, _crash_on_call, _records
+
+    ref = run(_ultra_cfg(tmp_path / "ref", True), lm=tiny_lm, log=lambda s: None)
+    with monkeypatch.context() as m:
+        _crash_on_call(m, ckpt, "save", 2)
+        with pytest.raises(_Crash):
+            run(_ultra_cfg(tmp_path / "cut", True), lm=tiny_lm, log=lambda s: None)
+    run_dir = tmp_path / "cut" / "r"
+    progress = json.loads((run_dir / ckpt.CHECKPOINT_DIR / ckpt.PROGRESS).read_text())
+    assert progress["batches_done"] == 1
+    resume(run_dir, lm=tiny_lm, log=lambda s: None)
+    assert _records(run_dir) == _records(ref)
+
+
+def test_ultraedit_names_a_missing_module_in_one_line(tmp_path, tiny_lm):
+    from harness.errors import UserError
+
+    cfg = _ultra_cfg(tmp_path, True)
+    cfg.hparams_overrides["edit_modules"] = ["model.layers.1.mlp.gate"]
+    with pytest.raises(UserError, match=re.escape("has no module 'model.layers.1.mlp.gate'")):
+        run(cfg, lm=tiny_lm, log=lambda s: None)
+    cfg.hparams_overrides["edit_modules"] = ["model.layers.9.mlp.gate_proj"]
+    with pytest.raises(UserError, match=re.escape("['model.layers.9.mlp.gate_proj'] outside "
+                                                  "layers 0..3")):
+        run(cfg, lm=tiny_lm, log=lambda s: None)
+    with pytest.raises(UserError, match="not both"):
+        hparams_from_dict(ultraedit.Hparams, {"layers": [1], "edit_modules": GATE_UP})
 
 
 def test_namet_left_padding_moves_the_insertion_point_of_shorter_rows(tiny_lm, cf):

@@ -22,6 +22,7 @@ import torch
 
 from harness import validation
 from harness.config import RunConfig
+from harness.loop import edited_weights
 from harness.models import (
     PUBLISHED_MODELS,
     RANDOM_SHAPES,
@@ -91,7 +92,9 @@ def test_every_method_has_a_file_whose_layers_fit_the_real_model(shape):
             hp, source = load_hparams(cls, method, name)
             assert source == str(HPARAMS_DIR / method / f"{shape}.yaml"), (method, name)
         validation.check_layers(hp, real.num_hidden_layers, shape)
-        assert max(hp.layers) < real.num_hidden_layers
+        blocks = list(hp.layers) + [validation.module_layer(m)
+                                    for m in getattr(hp, "edit_modules", [])]
+        assert blocks and max(blocks) < real.num_hidden_layers
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -116,15 +119,15 @@ def test_every_method_edits_and_evaluates_on_the_architecture(shape_lm, tmp_path
         overrides = {k: v for k, v in COST.items() if k in fields}
         if "stats_corpus" in fields:
             overrides["stats_corpus"] = corpus
-        before = {layer: lm.rewrite_weight(layer).clone() for layer in hp.layers}
+        before = {k: w.clone() for k, w in edited_weights(lm, hp).items()}
         seen: dict[str, bool] = {}
         mod = get_method(method)
         original = mod.edit
 
         def spy(lm_, requests, hparams, state, original=original, seen=seen, before=before):
             out = original(lm_, requests, hparams, state)
-            seen["changed"] = any(not torch.equal(before[layer], lm_.rewrite_weight(layer))
-                                  for layer in before)
+            seen["changed"] = any(not torch.equal(before[k], w)
+                                  for k, w in edited_weights(lm_, hparams).items())
             return out
 
         mod.edit = spy

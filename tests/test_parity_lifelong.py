@@ -41,7 +41,7 @@ NEURON_SLACK = 1
 SKETCH_SEED = 1
 #: methods whose released run is recorded (tests/fixtures/parity_lifelong/README.md has the
 #: commands)
-RECORDED = ["ultraedit", "encore", "namet", "nse"]
+RECORDED = ["ultraedit", "ultraedit-gateup", "encore", "namet", "nse"]
 #: the original's hyperparameter -> the harness field (checked equal before the run)
 SAME = {**{k: v for k, v in RELEASED_SAME.items() if k not in ("mom2_n_samples", "num_steps")},
         "mom2_update_weight": "mom2_update_weight"}
@@ -77,9 +77,11 @@ def hparams(method: str, ref: dict[str, Any], shared_data: Path) -> Any:
     from methods.base import load_hparams
 
     cls = get_method(method).Hparams
-    hp, _ = load_hparams(cls, method, "smollm2-135m")
     ran = {**ref["hparams_file"], **ref["hparams_changed"]}
-    if method == "ultraedit":
+    by_name = method == "ultraedit" and not ref["layers"]  # modules by name (gate/up)
+    hp, _ = load_hparams(cls, method, "smollm2-135m", overrides={
+        "layers": [], "edit_modules": ran["edit_modules"]} if by_name else None)
+    if method == "ultraedit" and not by_name:
         ran["layers"] = [int(m.split(".")[2]) for m in ran["edit_modules"]]
     differ = {}
     for key, field in SAME.items():
@@ -108,7 +110,7 @@ def hparams(method: str, ref: dict[str, Any], shared_data: Path) -> Any:
 @pytest.fixture()
 def restore(smollm2):
     saved = {n: p.detach().clone() for n, p in smollm2.model.named_parameters()
-             if "mlp.down_proj" in n}
+             if ".mlp." in n}
     yield
     params = dict(smollm2.model.named_parameters())
     with torch.no_grad():
@@ -120,11 +122,12 @@ def run_harness(lm, method: str, hp, ref: dict[str, Any], shared_data: Path, mon
                 ) -> dict[str, Any]:
     """Edit in the fixture's batches; record the targets and last-layer keys."""
     import methods.locate as locate
+    from harness.loop import edited_weights
     from methods import get_method, namet, nse
     from suites.counterfact import load
 
     got: dict[str, Any] = {"z": {}, "key": {}}
-    last = hp.layers[-1]
+    last = hp.layers[-1] if hp.layers else None
     if method == "encore":
         write_layers = locate.write_layers
 
@@ -189,7 +192,10 @@ def run_harness(lm, method: str, hp, ref: dict[str, Any], shared_data: Path, mon
         monkeypatch.setattr(namet, "averaged_keys", keys)
     mod = get_method(method)
     by_id = {r.case_id: r for r in load(shared_data / "counterfact" / "counterfact-edit.json")}
-    W0 = {layer: lm.rewrite_weight(layer).detach().clone() for layer in hp.layers}
+    def fixture_key(key: str) -> str:  # weight.<layer> / weight.<module> -> <layer> / <module>
+        return key[len("weight."):]
+
+    W0 = {fixture_key(k): w.detach().clone() for k, w in edited_weights(lm, hp).items()}
     if hasattr(mod, "prepare"):
         mod.prepare(lm, hp)
     state: dict[str, Any] = {}
@@ -198,8 +204,8 @@ def run_harness(lm, method: str, hp, ref: dict[str, Any], shared_data: Path, mon
     got["state"] = state
     if method == "nse":
         assert next(counts, None) is None, "the harness wrote fewer times than the release"
-    got["delta"] = {layer: lm.rewrite_weight(layer).double() - W0[layer].double()
-                    for layer in hp.layers}
+    got["delta"] = {fixture_key(k): w.double() - W0[fixture_key(k)].double()
+                    for k, w in edited_weights(lm, hp).items()}
     from suites.counterfact import evaluate
 
     got["post"] = evaluate(lm, [by_id[str(c)] for c in ref["data"]["case_ids"]])
@@ -219,9 +225,10 @@ def logprob_errors(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> dic
     return err
 
 
-@pytest.mark.parametrize("method", RECORDED)
-def test_method_matches_its_released_code(method, smollm2, shared_data, monkeypatch, restore):
-    ref = load_ref(method)
+@pytest.mark.parametrize("fixture", RECORDED)
+def test_method_matches_its_released_code(fixture, smollm2, shared_data, monkeypatch, restore):
+    ref = load_ref(fixture)
+    method = ref["method"]
     hp = hparams(method, ref, shared_data)
     got = run_harness(smollm2, method, hp, ref, shared_data, monkeypatch)
     T = ref["tensors"]
@@ -231,8 +238,8 @@ def test_method_matches_its_released_code(method, smollm2, shared_data, monkeypa
         report["z"] = max(rel(got["z"][c], T[f"z/{c}"]) for c in ids)
     if method in ("encore", "namet"):
         report["key"] = max(rel(got["key"][c], T[f"key/{hp.layers[-1]}/{c}"]) for c in ids)
-    report["delta"] = {layer: rel(d @ sketch(d.shape[1]), T[f"delta_sketch/{layer}"])
-                       for layer, d in got["delta"].items()}
+    report["delta"] = {key: rel(d @ sketch(d.shape[1]), T[f"delta_sketch/{key}"])
+                       for key, d in got["delta"].items()}
     if method == "nse":
         report["neuron_differs"] = got.get("neuron_differs", 0)
         report["cache_c"] = max(
@@ -245,7 +252,7 @@ def test_method_matches_its_released_code(method, smollm2, shared_data, monkeypa
         report["stats"] = max(rel(got["state"][f"{mine}.{s}"], T[f"normaliser/{key}/{s}"])
                               for s in ("n", "mean", "var"))
     report["logprob"] = logprob_errors(got["post"], ref["post"])
-    print(f"parity {method}: {report}")  # measured agreement, shown with -s
+    print(f"parity {fixture}: {report}")  # measured agreement, shown with -s
     if "z" in report:
         assert report["z"] < Z_RTOL, report
     if "key" in report:

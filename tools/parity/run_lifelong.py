@@ -118,17 +118,26 @@ def sketch(d_in: int) -> torch.Tensor:
     return torch.randn(d_in, D_SKETCH, generator=g, dtype=torch.float64)
 
 
-def rewrite_weights(model: Any, layers: list[int]) -> dict[int, torch.Tensor]:
-    return {layer: model.model.layers[layer].mlp.down_proj.weight.detach().clone()
-            for layer in layers}
+def edited_modules(layers: list[int], names: list[str] | None) -> dict[str, str]:
+    """Fixture key -> module name of the weights whose edit is recorded: ``names`` by name
+    (UltraEdit's ``--edit-modules``), else the down_proj of each of ``layers`` by layer."""
+    if names:
+        return {name: name for name in names}
+    return {str(layer): f"model.layers.{layer}.mlp.down_proj" for layer in layers}
 
 
-def record_deltas(rec: Recorder, model: Any, W0: dict[int, torch.Tensor]) -> dict[str, float]:
+def module_weights(model: Any, modules: dict[str, str]) -> dict[str, torch.Tensor]:
+    return {key: model.get_submodule(name).weight.detach().clone()
+            for key, name in modules.items()}
+
+
+def record_deltas(rec: Recorder, model: Any, modules: dict[str, str],
+                  W0: dict[str, torch.Tensor]) -> dict[str, float]:
     norms = {}
-    for layer, w0 in W0.items():
-        d = model.model.layers[layer].mlp.down_proj.weight.detach().double() - w0.double()
-        rec.put(f"delta_sketch/{layer}", d @ sketch(d.shape[1]))
-        norms[str(layer)] = float(d.norm())
+    for key, w0 in W0.items():
+        d = model.get_submodule(modules[key]).weight.detach().double() - w0.double()
+        rec.put(f"delta_sketch/{key}", d @ sketch(d.shape[1]))
+        norms[key] = float(d.norm())
     return norms
 
 
@@ -320,8 +329,7 @@ def run_ultraedit(model, tok, records, args, templates, C0, rec: Recorder) -> di
     from editor.ultraedit import ULTRAEDIT
 
     h = harness_file("ultraedit")
-    layers = list(h["layers"])
-    modules = [f"model.layers.{layer}.mlp.down_proj" for layer in layers]
+    modules = list(edited_modules(list(h["layers"]), args.edit_modules).values())
     cache_dir = tempfile.mkdtemp()
     n = args.batch_size
     cfg = SimpleNamespace(
@@ -372,8 +380,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stats-records", type=int, default=200)
     ap.add_argument("--smoke-steps", type=int, default=None)
     ap.add_argument("--template-seed", type=int, default=0)
+    ap.add_argument("--edit-modules", default=None,
+                    help="UltraEdit: comma-separated module names edited instead of the "
+                         "SmolLM2 file's down_proj layers (the release's gate/up setting)")
+    ap.add_argument("--name", default=None,
+                    help="fixture file stem (default: the method)")
     ap.add_argument("--out", default=str(REPO / "tests" / "fixtures" / "parity_lifelong"))
     args = ap.parse_args(argv)
+    if args.edit_modules is not None and args.method != "ultraedit":
+        ap.error("--edit-modules is UltraEdit's")
+    args.edit_modules = args.edit_modules.split(",") if args.edit_modules else None
+    name = args.name or args.method
     t0 = time.perf_counter()
     data_dir = Path(os.environ.get("KEH_DATA_DIR", REPO.parent / "shared" / "data"))
     data = (data_dir / "counterfact" / "counterfact-edit.json").resolve()
@@ -395,21 +412,22 @@ def main(argv: list[str] | None = None) -> None:
     tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     root = shims.install(args.checkout, NEED[args.method], REPOS[args.method])
-    W0 = rewrite_weights(model, layers)
+    modules = edited_modules(layers, args.edit_modules)
+    W0 = module_weights(model, modules)
     rec = Recorder()
     log(args.method)
     t1 = time.perf_counter()
     run = RUNS[args.method](model, tok, records, args, original_form(prefixes), C0, rec)
     edit_s = time.perf_counter() - t1
-    norms = record_deltas(rec, model, W0)
+    norms = record_deltas(rec, model, modules, W0)
     os.chdir(REPO)
     post = post_logprobs(model, args.model_dir, data, [r["case_id"] for r in records])
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(dict(sorted(rec.tensors.items())), str(out_dir / f"{args.method}.safetensors"),
+    save_file(dict(sorted(rec.tensors.items())), str(out_dir / f"{name}.safetensors"),
               metadata={"what": f"vectors of the original {args.method} run, see "
-                                f"{args.method}.json"})
+                                f"{name}.json"})
     cmd = "python tools/parity/run_lifelong.py " + " ".join(shlex.quote(a) for a in argv)
     fixture = {
         "command": cmd, "method": args.method,
@@ -419,14 +437,14 @@ def main(argv: list[str] | None = None) -> None:
         "data": {"file": data.name, "sha256": sha256_file(data),
                  "case_ids": [r["case_id"] for r in records]},
         "versions": versions(), "adaptations": {**shims.ADAPTATIONS, **ADAPTATIONS},
-        "templates": prefixes, "layers": layers,
+        "templates": prefixes, "layers": [] if args.edit_modules else layers,
         "c0": {"unit": "lines", "records": args.stats_records, "corpus": corpus.name,
                "provenance": prov},
         "smoke_steps": args.smoke_steps, "delta_norms": norms, "post": post,
         "timings": {"edit_s": round(edit_s, 1), "total_s": round(time.perf_counter() - t0, 1)},
         **run,
     }
-    (out_dir / f"{args.method}.json").write_text(json.dumps(fixture, indent=1) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(fixture, indent=1) + "\n")
     print(json.dumps(fixture["timings"]))
 
 

@@ -5,6 +5,7 @@ Layout, inside the run directory::
     checkpoint/progress.json            what is done (atomic JSON, written last)
     checkpoint/tensors-<serial>.safetensors
         weight.<layer>   edited rewrite matrices (sequential mode)
+        weight.<module>  edited linear modules named by ``edit_modules`` (sequential mode)
         state.<key>      the method's solver state (sequential mode)
         rng.torch        torch's CPU generator state (uint8); rng.cuda.<i> on CUDA
 

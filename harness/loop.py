@@ -208,8 +208,13 @@ def _edit_and_evaluate(p: Prepared, lm: LoadedModel, original: dict[str, torch.T
             timings[k] = timings.get(k, 0.0) + v
         ckpt.truncate_lines(records_path, prog.records_lines)
         ckpt.truncate_lines(curve_path, prog.curve_lines)
+        weights = edited_weights(lm, p.hparams)
+        missing = sorted(set(weights) - set(tensors)) if cfg.sequential else []
+        if missing:
+            raise UserError(f"checkpoint of {p.run_dir} lacks {', '.join(missing)} (written "
+                            f"by a revision that did not edit them); start the run afresh")
         with torch.no_grad():
-            for k, w in edited_weights(lm, p.hparams).items():
+            for k, w in weights.items():
                 if k in tensors:
                     w.copy_(tensors[k])
         state = {k[len("state."):]: v.to(lm.device) for k, v in tensors.items()

@@ -181,11 +181,11 @@ class LoadedModel:
         except AttributeError:
             raise UserError(f"{self.name} has no module {name!r} (names as the model's "
                             f"named_modules(), e.g. {self.spec.rewrite(0)!r})") from None
-        w = getattr(mod, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        conv1d = type(mod).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D
+        if not (isinstance(mod, torch.nn.Linear) or conv1d):
             raise UserError(f"module {name!r} of {self.name} is a {type(mod).__name__}, "
-                            f"not a linear layer with a 2-d weight")
-        return w.T if type(mod).__name__ == "Conv1D" else w
+                            f"not a linear layer (nn.Linear or GPT-2's Conv1D)")
+        return mod.weight.T if conv1d else mod.weight
 
     def apply_delta(self, layer: int, delta: torch.Tensor) -> None:
         """W <- W + delta for a (d_out, d_in) update, in place, in the weight's dtype."""

@@ -12,6 +12,7 @@ from harness import records as rec_io
 from harness.errors import UserError
 from harness.models import sha256_file
 from harness.prepare import Prepared
+from methods.base import with_defaults
 
 #: what a manifest must hold for a run to be compared or resumed
 MANIFEST_KEYS = ("config", "config_hash", "hparams", "data", "model", "git")
@@ -61,7 +62,7 @@ def differences(p: Prepared, manifest: dict[str, Any], allow_revision_change: bo
         diffs.append(f"config (config_hash {manifest['config_hash']} in the manifest, "
                      f"{now_hash} now)")
     now_hp = json.loads(rec_io.dumps_record(dataclasses.asdict(p.hparams)))
-    old_hp = manifest["hparams"]
+    old_hp = with_defaults(type(p.hparams), manifest["hparams"])  # fields added since: default
     changed = sorted(k for k in set(now_hp) | set(old_hp) if now_hp.get(k) != old_hp.get(k))
     if changed:
         diffs.append("hparams (" + ", ".join(

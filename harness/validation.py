@@ -109,10 +109,11 @@ def check_layers(hparams: Any, n_layers: int, model: str) -> None:
                             f"({model} has {n_layers} layers); set e.g. --set "
                             f"{name}=[{n_layers // 2}]")
     bad_modules = [m for m in getattr(hparams, "edit_modules", None) or []
-                   if (i := module_layer(m)) is not None and not 0 <= i < n_layers]
+                   if (i := module_layer(m)) is None or not 0 <= i < n_layers]
     if bad_modules:
-        raise UserError(f"hparams: field 'edit_modules': {bad_modules} outside layers "
-                        f"0..{n_layers - 1} ({model} has {n_layers} layers)")
+        raise UserError(f"hparams: field 'edit_modules': {bad_modules} name no block in "
+                        f"0..{n_layers - 1} ({model} has {n_layers} layers; names as "
+                        f"model.layers.<i>.mlp.gate_proj)")
 
 
 def check_lengths(requests: Sequence[Any], tokenizer: Any, n_ctx: int | None, data: Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -189,6 +190,25 @@ def check_ranges(hparams: Any, source: str = "hparams") -> None:
                 shown = value if isinstance(value, list | tuple) else x
                 raise UserError(f"{source}: field {f.name!r} = {shown!r}: must be "
                                 f"{allowed.describe()}")
+
+
+def with_defaults(cls: type, recorded: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's ``recorded`` hparams plus every field of ``cls`` they lack, at its default
+    (as JSON values). A field added after a run was made defaults to the behaviour the run
+    had (UltraEdit's ``edit_modules``: ``[]``, the rewrite matrices of ``layers``), so the run
+    is the same setting as one made now with that default."""
+    out = dict(recorded)
+    for f in dataclasses.fields(cls):
+        if f.name in out:
+            continue
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        out[f.name] = json.loads(json.dumps(value, default=str))
+    return out
 
 
 def hparams_from_dict(cls: type, data: dict[str, Any], source: str = "hparams") -> Any:

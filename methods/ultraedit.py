@@ -82,7 +82,9 @@ class Hparams:
         if self.edit_modules:
             if self.layers:
                 raise UserError("hparams: give 'layers' (rewrite matrices) or 'edit_modules' "
-                                "(modules by name), not both; with edit_modules set layers: []")
+                                "(modules by name), not both: with edit_modules set layers: [] "
+                                "(--set layers=[]); to edit the rewrite matrices of layers "
+                                "instead, --set edit_modules=[]")
             if len(set(self.edit_modules)) != len(self.edit_modules):
                 raise UserError(f"hparams: 'edit_modules' names a module twice: "
                                 f"{self.edit_modules}")

@@ -55,6 +55,8 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import UserError
+from methods import get_method
+from methods.base import with_defaults
 from reports import inference as inf
 from reports import power
 from reports.load import Runs, design_differences, load_runs, preset_of, revision_notes
@@ -145,12 +147,22 @@ class Comparison:
 
 
 # ---------------------------------------------------------------- input checks
+def _hparams(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A run's hparams with the fields added since it was made at their defaults (so a run
+    from before a new field is the same setting as one made now with its default)."""
+    hp = manifest.get("hparams") or {}
+    try:
+        return with_defaults(get_method(str(manifest.get("method"))).Hparams, hp)
+    except UserError:  # a method this checkout does not know: as recorded
+        return hp
+
+
 def _side(runs: Runs, role: str) -> str:
     """The one arm of a side (``method [preset]``); an error naming the runs otherwise."""
     labels: dict[tuple[str, str], list[str]] = {}
     for rid, m in runs.manifests.items():
         label = f"{runs.arm_of(rid)} [{preset_of(m)}]"
-        key = (label, json.dumps(m.get("hparams") or {}, sort_keys=True, default=str))
+        key = (label, json.dumps(_hparams(m), sort_keys=True, default=str))
         labels.setdefault(key, []).append(rid)
     if len(labels) > 1:
         parts = "; ".join(f"{k[0]}: {', '.join(v)}" for k, v in labels.items())

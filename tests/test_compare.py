@@ -201,6 +201,21 @@ def test_a_side_must_be_one_method(runs, capsys):
     assert status == 2 and "one method with one setting" in err
 
 
+def test_a_run_from_before_a_new_hparams_field_is_the_same_setting(runs, tmp_path, capsys):
+    """A run whose manifest lacks a field added later (here kl_factor) is the same setting as
+    one that records the field at its default; a different value is still refused."""
+    same = make_run(tmp_path, "alphaedit", 1, hparams={"layers": [1], "kl_factor": 0.0625},
+                    run_id="later_revision")
+    status, out, _ = _compare(capsys, "--baseline", str(runs["base"]), str(same),
+                              "--candidate", str(runs["worse"]))
+    assert status == 1 and "worse" in out
+    other = make_run(tmp_path, "alphaedit", 2, hparams={"layers": [1], "kl_factor": 0.5},
+                     run_id="other_setting")
+    status, _, err = _compare(capsys, "--baseline", str(runs["base"]), str(other),
+                              "--candidate", str(runs["worse"]))
+    assert status == 2 and "one method with one setting" in err
+
+
 @pytest.mark.slow
 def test_end_to_end_on_a_tiny_model(tmp_path, capsys, shared_data):
     """FT (baseline, unconstrained so that it writes the facts into a random model) against no

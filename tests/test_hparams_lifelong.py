@@ -15,7 +15,7 @@ import pytest
 from methods import get_method
 from methods.base import HPARAMS_DIR, load_hparams
 from tests.test_hparams_files import NO_COUNTERPART as AE_NO_COUNTERPART
-from tests.test_model_shapes import SHAPES
+from tests.test_model_shapes import PAPER, SHAPES
 
 RELEASED = json.loads((Path(__file__).parent / "fixtures" /
                        "original_hparams_lifelong.json").read_text())
@@ -100,8 +100,6 @@ LOWER = ("v_lr", "v_num_grad_steps", "v_weight_decay", "kl_factor", "clamp_norm_
          "context_templates", "key_averaging", "stats_sampling", "stats_records")
 
 
-#: the published models of the paper grid (GPT-2 XL, GPT-J-6B, Llama-3-8B-Instruct)
-PAPER = ["gpt2-xl", "gpt-j-6b", "llama3-8b"]
 #: files that are a release of the method itself (ENCORE, NSE: the test above; EMMET: its
 #: published GPT-2 XL and GPT-J settings, as their headers say, not the derivation rule)
 OWN_RELEASE = {f"{m}/{model}" for m in ("encore", "nse")

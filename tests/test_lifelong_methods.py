@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from harness.config import RunConfig
+from harness.errors import UserError
 from harness.runner import run
 from methods import encore, get_method, memit, metake, namet, nse, ultraedit
 from methods.base import hparams_from_dict
@@ -449,6 +451,42 @@ def test_ultraedit_named_modules_survive_a_crash_and_resume(tmp_path, monkeypatc
     assert _records(run_dir) == _records(ref)
 
 
+def test_ultraedit_runs_from_before_edit_modules_resume_and_a_short_checkpoint_is_named(
+        tmp_path, monkeypatch, tiny_lm):
+    """A run whose manifest predates the ``edit_modules`` field (key absent) resumes as the
+    same setting (the field's default, ``[]``, is what it ran); a checkpoint that lacks a
+    weight the method edits is refused with its name instead of resuming from the live
+    weights."""
+    from safetensors.torch import load_file, save_file
+
+    from harness import checkpoint as ckpt
+    from harness.runner import resume
+    from tests.test_resume import _Crash, _crash_on_call
+
+    def cut(name: str, **hp) -> Path:
+        cfg = _ultra_cfg(tmp_path / name, True)
+        cfg.hparams_overrides.update(hp)
+        with monkeypatch.context() as m:
+            _crash_on_call(m, ckpt, "save", 2)
+            with pytest.raises(_Crash):
+                run(cfg, lm=tiny_lm, log=lambda s: None)
+        return tmp_path / name / "r"
+
+    old = cut("old", layers=[1, 2], edit_modules=[])
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["hparams"]["edit_modules"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    resume(old, lm=tiny_lm, log=lambda s: None)
+    assert json.loads((old / "manifest.json").read_text())["status"] == "complete"
+
+    short = cut("short")
+    (tensors,) = (short / ckpt.CHECKPOINT_DIR).glob("tensors-*.safetensors")
+    kept = {k: v for k, v in load_file(str(tensors)).items() if "up_proj" not in k}
+    save_file(kept, str(tensors))
+    with pytest.raises(UserError, match=re.escape("lacks weight.model.layers.2.mlp.up_proj")):
+        resume(short, lm=tiny_lm, log=lambda s: None)
+
+
 def test_ultraedit_names_a_missing_module_in_one_line(tmp_path, tiny_lm):
     from harness.errors import UserError
 
@@ -457,8 +495,8 @@ def test_ultraedit_names_a_missing_module_in_one_line(tmp_path, tiny_lm):
     with pytest.raises(UserError, match=re.escape("has no module 'model.layers.1.mlp.gate'")):
         run(cfg, lm=tiny_lm, log=lambda s: None)
     cfg.hparams_overrides["edit_modules"] = ["model.layers.9.mlp.gate_proj"]
-    with pytest.raises(UserError, match=re.escape("['model.layers.9.mlp.gate_proj'] outside "
-                                                  "layers 0..3")):
+    with pytest.raises(UserError, match=re.escape("['model.layers.9.mlp.gate_proj'] name no "
+                                                  "block in 0..3")):
         run(cfg, lm=tiny_lm, log=lambda s: None)
     with pytest.raises(UserError, match="not both"):
         hparams_from_dict(ultraedit.Hparams, {"layers": [1], "edit_modules": GATE_UP})

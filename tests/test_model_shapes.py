@@ -97,6 +97,34 @@ def test_every_method_has_a_file_whose_layers_fit_the_real_model(shape):
         assert blocks and max(blocks) < real.num_hidden_layers
 
 
+#: the published models of the paper grid (GPT-2 XL, GPT-J-6B, Llama-3-8B-Instruct)
+PAPER = ["gpt2-xl", "gpt-j-6b", "llama3-8b"]
+
+
+@pytest.mark.parametrize("shape", SHAPES + PAPER)
+def test_every_edited_module_of_every_file_exists_in_the_real_model(shape):
+    """Each method's file for ``shape`` names modules that exist in the real architecture
+    (built on the meta device: the real config, no memory): the rewrite matrix of each of its
+    layers and each of its ``edit_modules`` (UltraEdit's released gate/up projections), with
+    a 2-d weight. Methods without a file for a paper model are skipped (FT, EMMET, r-ROME)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(peek_config(f"random:{shape}"))
+    lm = LoadedModel(model=model, tokenizer=None, spec=spec_for(model), name=shape,
+                     sha256="meta", source="meta")
+    checked = 0
+    for method in EDITING:
+        if not (HPARAMS_DIR / method / f"{shape}.yaml").is_file():
+            assert shape in PAPER, f"{method} has no file for {shape}"
+            continue
+        hp, _ = load_hparams(get_method(method).Hparams, method, shape)
+        weights = edited_weights(lm, hp)  # one line if a module is missing or not linear
+        assert weights and all(w.dim() == 2 for w in weights.values()), method
+        checked += 1
+    assert checked >= 10
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_the_shrunk_model_keeps_the_architecture(shape):
     real, small = peek_config(f"random:{shape}"), shrunk_config(shape)

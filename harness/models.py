@@ -187,10 +187,12 @@ class LoadedModel:
                             f"not a linear layer (nn.Linear or GPT-2's Conv1D)")
         return mod.weight.T if conv1d else mod.weight
 
-    def apply_delta(self, layer: int, delta: torch.Tensor) -> None:
-        """W <- W + delta for a (d_out, d_in) update, in place, in the weight's dtype."""
+    def apply_delta(self, layer: int | str, delta: torch.Tensor) -> None:
+        """W <- W + delta for a (d_out, d_in) update, in place, in the weight's dtype; W the
+        rewrite matrix of ``layer``, or the linear module of that full name
+        (:meth:`linear_weight`)."""
         with torch.no_grad():
-            w = self.rewrite_weight(layer)
+            w = self.linear_weight(layer) if isinstance(layer, str) else self.rewrite_weight(layer)
             w.add_(delta.to(device=w.device, dtype=w.dtype))
 
 

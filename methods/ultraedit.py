@@ -193,7 +193,6 @@ def edit(lm: LoadedModel, requests: list[EditRequest], hparams: Hparams,
     if bad:
         raise UserError(f"hparams: layers {bad} outside 0..{lm.n_layers - 1} for {lm.name}")
     names = edited_modules(lm, hp)
-    weights = {name: lm.linear_weight(name) for name in names}  # (d_out, d_in) views
     timings: dict[str, float] = {}
     sdt = resolve_dtype(hp.solve_dtype)
     new_state = dict(state)
@@ -231,10 +230,8 @@ def edit(lm: LoadedModel, requests: list[EditRequest], hparams: Hparams,
         if not bool(torch.isfinite(delta).all()):
             raise NumericalError(f"non-finite update at {name}")
         deltas[name] = delta
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            w = weights[name]
-            w.add_(delta.to(device=w.device, dtype=w.dtype))
+    for name, delta in deltas.items():
+        lm.apply_delta(name, delta)
     timings["write_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     nll1 = target_nll(lm, requests).cpu()
